@@ -1,0 +1,393 @@
+// StableMax CPU kernels: one pass per row for the forward, one for the backward, parallel over rows
+// on torch's thread pool. Rows are contiguous (class dim last) or strided ([N, C, d1, ...]).
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <vector>
+
+#include "common/common.h"
+#include "stablemax/stablemax.h"
+
+namespace lossforge {
+namespace stablemax {
+namespace {
+
+constexpr const char* kCE = "stablemax_cross_entropy";
+
+// Rows per task: enough elements that a task amortises the pool's overhead.
+int64_t grain(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
+
+// Calls f(std::integral_constant<bool, contiguous>) so the row loops see a compile-time stride of 1
+// in the common case and vectorise.
+template <typename F>
+void with_layout(bool contiguous, F&& f) {
+  if (contiguous) f(std::true_type{});
+  else f(std::false_type{});
+}
+
+template <typename T, bool Contig>
+void stablemax_rows(const T* x, T* out, RowLayout L, int64_t r0, int64_t r1, bool log) {
+  using A = typename Acc<T>::type;
+  const int64_t V = L.V, st = Contig ? 1 : L.inner;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* xr = x + L.base(r);
+    T* o = out + L.base(r);
+    A S = 0;
+    for (int64_t c = 0; c < V; ++c) S += s<A>(static_cast<A>(xr[c * st]));
+    if (log) {
+      const A logS = std::log(S);
+      for (int64_t c = 0; c < V; ++c) o[c * st] = static_cast<T>(log_s<A>(static_cast<A>(xr[c * st])) - logS);
+    } else {
+      const A inv = A(1) / S;
+      for (int64_t c = 0; c < V; ++c) o[c * st] = static_cast<T>(s<A>(static_cast<A>(xr[c * st])) * inv);
+    }
+  }
+}
+
+// d stablemax:     gx = h * p * (g - sum(g * p))
+// d log_stablemax: gx = h * (g - exp(y) * sum(g))
+template <typename T, bool Contig>
+void stablemax_backward_rows(const T* g, const T* x, const T* out, T* gx, RowLayout L, int64_t r0,
+                             int64_t r1, bool log) {
+  using A = typename Acc<T>::type;
+  const int64_t V = L.V, st = Contig ? 1 : L.inner;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = L.base(r);
+    const T *gr = g + b, *xr = x + b, *yr = out + b;
+    T* o = gx + b;
+    A dot = 0;
+    if (log) {
+      for (int64_t c = 0; c < V; ++c) dot += static_cast<A>(gr[c * st]);
+      for (int64_t c = 0; c < V; ++c) {
+        const A p = std::exp(static_cast<A>(yr[c * st]));
+        o[c * st] = static_cast<T>(h<A>(static_cast<A>(xr[c * st])) * (static_cast<A>(gr[c * st]) - p * dot));
+      }
+    } else {
+      for (int64_t c = 0; c < V; ++c) dot += static_cast<A>(gr[c * st]) * static_cast<A>(yr[c * st]);
+      for (int64_t c = 0; c < V; ++c) {
+        const A p = static_cast<A>(yr[c * st]);
+        o[c * st] = static_cast<T>(h<A>(static_cast<A>(xr[c * st])) * p * (static_cast<A>(gr[c * st]) - dot));
+      }
+    }
+  }
+}
+
+// Remembers the first row whose target is out of range; the error is raised after the parallel loop
+// (throwing inside torch's pool would cross the stable C ABI).
+struct BadTarget {
+  std::atomic<int64_t> row{-1};
+  void record(int64_t r) {
+    int64_t expected = -1;
+    row.compare_exchange_strong(expected, r);
+  }
+};
+
+template <typename T, bool Contig>
+void ce_forward_rows(const T* x, const int64_t* target, const typename Acc<T>::type* weight,
+                     typename Acc<T>::type* loss, typename Acc<T>::type* stats, RowLayout L, int64_t r0,
+                     int64_t r1, int64_t ignore_index, double eps, BadTarget& bad) {
+  using A = typename Acc<T>::type;
+  const int64_t V = L.V, st = Contig ? 1 : L.inner;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t y = target[r];
+    A* sr = stats + 3 * r;
+    if (y == ignore_index) {
+      loss[r] = 0;
+      sr[0] = sr[1] = sr[2] = 0;
+      continue;
+    }
+    if (y < 0 || y >= V) {
+      bad.record(r);
+      loss[r] = NAN;
+      sr[0] = sr[1] = sr[2] = 0;
+      continue;
+    }
+    const T* xr = x + L.base(r);
+    // The non-target sum is kept apart from s(x_y): log S - log s_y = log1p(S_-y / s_y) keeps the
+    // loss of confident rows, which log(S) - log(s_y) would round to exactly 0 in float32.
+    A S_other = 0;
+    for (int64_t c = 0; c < y; ++c) S_other += s<A>(static_cast<A>(xr[c * st]));
+    for (int64_t c = y + 1; c < V; ++c) S_other += s<A>(static_cast<A>(xr[c * st]));
+    const A sy = s<A>(static_cast<A>(xr[y * st]));
+    const A S = sy + S_other;
+    const A wy = weight ? weight[y] : A(1);
+    A l = A(1 - eps) * wy * std::log1p(S_other / sy);
+    if (eps > 0) {
+      // label smoothing: (eps / V) * sum_c w_c * (log S - log s(x_c))
+      const A logS = std::log(S);
+      A smooth = 0;
+      if (weight) {
+        for (int64_t c = 0; c < V; ++c) smooth += weight[c] * (logS - log_s<A>(static_cast<A>(xr[c * st])));
+      } else {
+        for (int64_t c = 0; c < V; ++c) smooth += logS - log_s<A>(static_cast<A>(xr[c * st]));
+      }
+      l += A(eps / V) * smooth;
+    }
+    loss[r] = l;
+    sr[0] = S_other;
+    sr[1] = S;
+    sr[2] = wy;
+  }
+}
+
+// dL/dx_c = g_row * h(x_c) * [(1 - eps) w_y (p_c - [c == y]) + (eps / V) (p_c W - w_c)],  W = sum_c w_c,
+// with p_y - 1 = -S_-y / S taken from the saved stats (no cancellation for confident rows).
+template <typename T, bool Contig>
+void ce_backward_rows(const typename Acc<T>::type* grad_rows, bool grad_scalar, const T* x,
+                      const int64_t* target, const typename Acc<T>::type* weight, typename Acc<T>::type W,
+                      const typename Acc<T>::type* stats, T* gx, RowLayout L, int64_t r0, int64_t r1,
+                      int64_t ignore_index, double eps, BadTarget& bad) {
+  using A = typename Acc<T>::type;
+  const int64_t V = L.V, st = Contig ? 1 : L.inner;
+  const A coef_s = A(eps / V);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t y = target[r];
+    const int64_t b = L.base(r);
+    T* o = gx + b;
+    const bool valid = y != ignore_index && y >= 0 && y < V;
+    if (!valid) {
+      if (y != ignore_index) bad.record(r);
+      for (int64_t c = 0; c < V; ++c) o[c * st] = static_cast<T>(0);
+      continue;
+    }
+    const T* xr = x + b;
+    const A* sr = stats + 3 * r;
+    const A g = grad_rows[grad_scalar ? 0 : r];
+    const A S_other = sr[0], invS = A(1) / sr[1], coef_t = A(1 - eps) * sr[2];
+    if (weight) {
+      for (int64_t c = 0; c < V; ++c) {
+        const A xc = static_cast<A>(xr[c * st]);
+        const A p = s<A>(xc) * invS;
+        o[c * st] = static_cast<T>(g * h<A>(xc) * (coef_t * p + coef_s * (p * W - weight[c])));
+      }
+    } else {
+      for (int64_t c = 0; c < V; ++c) {
+        const A xc = static_cast<A>(xr[c * st]);
+        const A p = s<A>(xc) * invS;
+        o[c * st] = static_cast<T>(g * h<A>(xc) * (coef_t * p + coef_s * (p * W - A(1))));
+      }
+    }
+    const A xy = static_cast<A>(xr[y * st]);
+    const A py = s<A>(xy) * invS;
+    const A wy = weight ? weight[y] : A(1);
+    o[y * st] = static_cast<T>(g * h<A>(xy) * (-coef_t * S_other * invS + coef_s * (py * W - wy)));
+  }
+}
+
+void check_input(const Tensor& x, const char* op, const char* arg) {
+  check_floating(x, op, arg);
+  check_device(x, false, op, arg);
+  check_contiguous(x, op, arg);
+}
+
+ScalarType acc_dtype(ScalarType t) { return t == ScalarType::Double ? ScalarType::Double : ScalarType::Float; }
+
+// Checks target against input [.., V (at dim), ..] and returns the row layout.
+DimSplit check_ce_args(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
+                       int64_t dim, const char* op) {
+  check_input(input, op, "input");
+  check_device(target, false, op, "target");
+  check_dtype(target, ScalarType::Long, op, "target");
+  check_contiguous(target, op, "target");
+  const DimSplit d = split_at_dim(input, dim, op);
+  STD_TORCH_CHECK(target.numel() == d.rows(), op, ": target has ", target.numel(), " elements, expected ",
+                  d.rows(), " (input's shape without the class dimension)");
+  if (weight.has_value()) {
+    check_device(*weight, false, op, "weight");
+    check_dtype(*weight, acc_dtype(input.scalar_type()), op, "weight");
+    check_contiguous(*weight, op, "weight");
+    STD_TORCH_CHECK(weight->dim() == 1 && weight->size(0) == d.size, op, ": weight must have shape [",
+                    d.size, "] (one entry per class)");
+  }
+  return d;
+}
+
+void raise_bad_target(const BadTarget& bad, const Tensor& target, int64_t V, int64_t ignore_index) {
+  const int64_t r = bad.row.load();
+  if (r < 0) return;
+  STD_TORCH_CHECK(false, kCE, ": target value ", target.const_data_ptr<int64_t>()[r], " at flat index ", r,
+                  " is out of range: expected a class index in [0, ", V, ") or ignore_index=", ignore_index);
+}
+
+Tensor stablemax_cpu(Tensor x, int64_t dim, bool log) {
+  check_input(x, "stablemax", "x");
+  const DimSplit d = split_at_dim(x, dim, "stablemax");
+  Tensor out = torch::stable::empty_like(x);
+  if (x.numel() == 0) return out;
+  const RowLayout L{d.size, d.inner};
+  LF_DISPATCH_FLOATING(x.scalar_type(), "stablemax", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    with_layout(d.inner == 1, [&](auto contig) {
+      torch::stable::parallel_for(0, d.rows(), grain(d.size), [&](int64_t a, int64_t b) {
+        stablemax_rows<scalar_t, decltype(contig)::value>(xp, op, L, a, b, log);
+      });
+    });
+  });
+  return out;
+}
+
+Tensor stablemax_backward_cpu(Tensor grad, Tensor x, Tensor out, int64_t dim, bool log) {
+  const char* op = "stablemax_backward";
+  check_input(x, op, "x");
+  check_input(grad, op, "grad");
+  check_input(out, op, "out");
+  STD_TORCH_CHECK(grad.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type(), op,
+                  ": grad, x and out must have the same dtype");
+  STD_TORCH_CHECK(grad.numel() == x.numel() && out.numel() == x.numel(), op,
+                  ": grad, x and out must have the same shape");
+  const DimSplit d = split_at_dim(x, dim, op);
+  Tensor gx = torch::stable::empty_like(x);
+  if (x.numel() == 0) return gx;
+  const RowLayout L{d.size, d.inner};
+  LF_DISPATCH_FLOATING(x.scalar_type(), op, [&] {
+    const scalar_t *gp = grad.const_data_ptr<scalar_t>(), *xp = x.const_data_ptr<scalar_t>(),
+                   *yp = out.const_data_ptr<scalar_t>();
+    scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
+    with_layout(d.inner == 1, [&](auto contig) {
+      torch::stable::parallel_for(0, d.rows(), grain(d.size), [&](int64_t a, int64_t b) {
+        stablemax_backward_rows<scalar_t, decltype(contig)::value>(gp, xp, yp, gxp, L, a, b, log);
+      });
+    });
+  });
+  return gx;
+}
+
+std::tuple<Tensor, Tensor> stablemax_cross_entropy_cpu(Tensor input, Tensor target, std::optional<Tensor> weight,
+                                                       int64_t dim, int64_t ignore_index, double label_smoothing) {
+  const DimSplit d = check_ce_args(input, target, weight, dim, kCE);
+  STD_TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, kCE,
+                  ": label_smoothing must be in [0, 1], got ", label_smoothing);
+  const ScalarType acc = acc_dtype(input.scalar_type());
+  Tensor loss = torch::stable::new_empty(input, target.sizes(), acc);
+  std::vector<int64_t> stats_shape(target.sizes().begin(), target.sizes().end());
+  stats_shape.push_back(3);
+  Tensor stats = torch::stable::new_empty(input, stats_shape, acc);
+  if (d.rows() == 0) return {loss, stats};
+  STD_TORCH_CHECK(d.size > 0, kCE, ": input has no classes (size 0 at the class dimension)");
+  const RowLayout L{d.size, d.inner};
+  BadTarget bad;
+  LF_DISPATCH_FLOATING(input.scalar_type(), kCE, [&] {
+    using A = typename Acc<scalar_t>::type;
+    const scalar_t* xp = input.const_data_ptr<scalar_t>();
+    const int64_t* tp = target.const_data_ptr<int64_t>();
+    const A* wp = weight.has_value() ? weight->const_data_ptr<A>() : nullptr;
+    A* lp = loss.mutable_data_ptr<A>();
+    A* sp = stats.mutable_data_ptr<A>();
+    with_layout(d.inner == 1, [&](auto contig) {
+      torch::stable::parallel_for(0, d.rows(), grain(d.size), [&](int64_t a, int64_t b) {
+        ce_forward_rows<scalar_t, decltype(contig)::value>(xp, tp, wp, lp, sp, L, a, b, ignore_index,
+                                                           label_smoothing, bad);
+      });
+    });
+  });
+  raise_bad_target(bad, target, d.size, ignore_index);
+  return {loss, stats};
+}
+
+Tensor stablemax_cross_entropy_backward_cpu(Tensor grad_rows, Tensor input, Tensor target,
+                                            std::optional<Tensor> weight, Tensor stats, int64_t dim,
+                                            int64_t ignore_index, double label_smoothing) {
+  const char* op = "stablemax_cross_entropy_backward";
+  const DimSplit d = check_ce_args(input, target, weight, dim, op);
+  const ScalarType acc = acc_dtype(input.scalar_type());
+  check_device(grad_rows, false, op, "grad_rows");
+  check_dtype(grad_rows, acc, op, "grad_rows");
+  check_contiguous(grad_rows, op, "grad_rows");
+  STD_TORCH_CHECK(grad_rows.numel() == 1 || grad_rows.numel() == d.rows(), op,
+                  ": grad_rows must have one element or one per row");
+  check_device(stats, false, op, "stats");
+  check_dtype(stats, acc, op, "stats");
+  check_contiguous(stats, op, "stats");
+  STD_TORCH_CHECK(stats.numel() == 3 * d.rows(), op, ": stats must have shape target.shape + [3]");
+  Tensor gx = torch::stable::empty_like(input);
+  if (input.numel() == 0) return gx;
+  const RowLayout L{d.size, d.inner};
+  BadTarget bad;
+  LF_DISPATCH_FLOATING(input.scalar_type(), op, [&] {
+    using A = typename Acc<scalar_t>::type;
+    const A* wp = weight.has_value() ? weight->const_data_ptr<A>() : nullptr;
+    A W = A(d.size);
+    if (wp) {
+      W = 0;
+      for (int64_t c = 0; c < d.size; ++c) W += wp[c];
+    }
+    const A* gp = grad_rows.const_data_ptr<A>();
+    const bool scalar = grad_rows.numel() == 1 && d.rows() != 1;
+    const scalar_t* xp = input.const_data_ptr<scalar_t>();
+    const int64_t* tp = target.const_data_ptr<int64_t>();
+    const A* sp = stats.const_data_ptr<A>();
+    scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
+    with_layout(d.inner == 1, [&](auto contig) {
+      torch::stable::parallel_for(0, d.rows(), grain(d.size), [&](int64_t a, int64_t b) {
+        ce_backward_rows<scalar_t, decltype(contig)::value>(gp, scalar, xp, tp, wp, W, sp, gxp, L, a, b,
+                                                            ignore_index, label_smoothing, bad);
+      });
+    });
+  });
+  raise_bad_target(bad, target, d.size, ignore_index);
+  return gx;
+}
+
+// ⊥Grad: pass 1 accumulates w.g, w.w, g.g in float64 over fixed chunks (deterministic for any thread
+// count); pass 2 writes the rescaled orthogonal component in place.
+void orthograd_cpu(Tensor grad, Tensor param) {
+  const char* op = "orthograd_";
+  check_input(grad, op, "grad");
+  check_input(param, op, "param");
+  STD_TORCH_CHECK(grad.scalar_type() == param.scalar_type(), op, ": grad and param must have the same dtype");
+  STD_TORCH_CHECK(grad.numel() == param.numel(), op, ": grad and param must have the same number of elements");
+  const int64_t n = grad.numel();
+  if (n == 0) return;
+  constexpr int64_t kChunk = 1 << 16;
+  const int64_t nchunks = (n + kChunk - 1) / kChunk;
+  std::vector<double> partial(3 * nchunks, 0.0);
+  LF_DISPATCH_FLOATING(grad.scalar_type(), op, [&] {
+    using A = typename Acc<scalar_t>::type;
+    const scalar_t* w = param.const_data_ptr<scalar_t>();
+    scalar_t* g = grad.mutable_data_ptr<scalar_t>();
+    torch::stable::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t lo = c * kChunk, hi = std::min(n, lo + kChunk);
+        double wg = 0, ww = 0, gg = 0;
+        for (int64_t i = lo; i < hi; ++i) {
+          const double wi = static_cast<double>(static_cast<A>(w[i]));
+          const double gi = static_cast<double>(static_cast<A>(g[i]));
+          wg += wi * gi;
+          ww += wi * wi;
+          gg += gi * gi;
+        }
+        partial[3 * c] = wg;
+        partial[3 * c + 1] = ww;
+        partial[3 * c + 2] = gg;
+      }
+    });
+    double wg = 0, ww = 0, gg = 0;
+    for (int64_t c = 0; c < nchunks; ++c) {
+      wg += partial[3 * c];
+      ww += partial[3 * c + 1];
+      gg += partial[3 * c + 2];
+    }
+    const double proj = wg / (ww + 1e-30);
+    const double perp2 = std::max(gg - 2.0 * proj * wg + proj * proj * ww, 0.0);
+    const double scale = std::sqrt(gg) / (std::sqrt(perp2) + 1e-30);
+    const A a_proj = static_cast<A>(proj), a_scale = static_cast<A>(scale);
+    torch::stable::parallel_for(0, n, kChunk, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i)
+        g[i] = static_cast<scalar_t>((static_cast<A>(g[i]) - a_proj * static_cast<A>(w[i])) * a_scale);
+    });
+  });
+}
+
+}  // namespace
+}  // namespace stablemax
+}  // namespace lossforge
+
+STABLE_TORCH_LIBRARY_IMPL(lossforge, CPU, m) {
+  using namespace lossforge::stablemax;
+  m.impl("stablemax", TORCH_BOX(&stablemax_cpu));
+  m.impl("stablemax_backward", TORCH_BOX(&stablemax_backward_cpu));
+  m.impl("stablemax_cross_entropy", TORCH_BOX(&stablemax_cross_entropy_cpu));
+  m.impl("stablemax_cross_entropy_backward", TORCH_BOX(&stablemax_cross_entropy_backward_cpu));
+  m.impl("orthograd_", TORCH_BOX(&orthograd_cpu));
+}

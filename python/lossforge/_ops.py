@@ -1,0 +1,39 @@
+"""Loads the compiled ops (lossforge._C, and lossforge._C_cuda when it was built) and reports the build."""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from . import _build_config
+
+_cuda_error: str | None = None
+importlib.import_module("lossforge._C")  # registers torch.ops.lossforge.* (CPU kernels and schemas)
+if _build_config.WITH_CUDA:
+    try:
+        importlib.import_module("lossforge._C_cuda")  # registers the CUDA kernels
+    except OSError as e:  # e.g. a CUDA build loaded beside a CPU-only torch: the CPU ops still work
+        _cuda_error = str(e)
+
+ops = torch.ops.lossforge
+
+
+def cuda_kernels_loaded() -> bool:
+    return _build_config.WITH_CUDA and _cuda_error is None
+
+
+def build_info() -> dict:
+    """What this installation of lossforge was compiled with, and what it runs on now."""
+    return {
+        "version": __import__("lossforge").__version__,
+        "built_against_torch": _build_config.TORCH_VERSION,
+        "stable_abi_target": _build_config.TORCH_TARGET_VERSION,
+        "running_torch": torch.__version__,
+        "cuda_compiled": _build_config.WITH_CUDA,
+        "cuda_version": _build_config.CUDA_VERSION,
+        "cuda_arch_list": _build_config.CUDA_ARCH_LIST,
+        "cuda_kernels_loaded": cuda_kernels_loaded(),
+        "cuda_load_error": _cuda_error,
+        "cuda_available": torch.cuda.is_available(),
+        "cpu_threads": torch.get_num_threads(),
+    }

@@ -1,0 +1,259 @@
+"""`lossforge bench`: the side-by-side report, ours against each baseline on the same inputs, same run.
+
+Each family contributes `lossforge.benchmarks.<family>.cases(device, full) -> list[Case]`. For every
+case the runner first checks that every implementation agrees with ours (the case's `check`), then
+times each one (median of repeats after a warm-up, CUDA synchronised inside the timed call) and
+measures its peak extra memory (CUDA: the caching allocator's peak; CPU: the process's peak resident
+set, reset before each call through /proc/self/clear_refs, with malloc told to return large blocks to
+the OS so that the number is the real peak). It prints one table and writes the same as Markdown and a
+PNG chart under bench/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import datetime
+import gc
+import importlib
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+
+FAMILIES = ("stablemax",)
+
+
+@dataclasses.dataclass
+class Case:
+    """One shape of one op: implementations keyed by name; `ours` names lossforge's entry.
+
+    `setup(device)` builds the inputs once and returns them; each impl is called as impl(*inputs).
+    `check(results)` receives {impl: output} and raises if an implementation disagrees with ours.
+    `floor_ms`, when given, is the kernel's floor on this device (bytes over bandwidth or flops over
+    rate) and is printed next to our time.
+    """
+
+    family: str
+    op: str
+    shape: str
+    impls: dict[str, Callable]
+    setup: Callable[[str], tuple]
+    ours: str = "lossforge"
+    check: Callable[[dict], None] | None = None
+    floor_ms: float | None = None
+    note: str = ""
+
+
+@dataclasses.dataclass
+class Row:
+    family: str
+    op: str
+    shape: str
+    impl: str
+    ms: float
+    peak_mb: float | None
+    is_ours: bool
+    floor_ms: float | None = None
+
+
+def _sync(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _malloc_returns_memory():
+    """Large blocks go straight to mmap and back to the OS on free, so peak RSS measures the real peak."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 16)  # M_TRIM_THRESHOLD
+    except OSError:
+        pass
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def peak_extra_mb(fn: Callable, device: str) -> float | None:
+    """Peak memory allocated by one call of fn beyond what existed before it, in MiB."""
+    gc.collect()
+    if device.startswith("cuda"):
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        out = fn()
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated() - before
+        del out
+        return peak / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    before = _rss_kb("VmRSS")
+    out = fn()
+    peak = _rss_kb("VmHWM") - before
+    del out
+    return max(peak, 0) / 1024
+
+
+def time_ms(fn: Callable, device: str, budget_s: float = 1.0, max_reps: int = 20) -> float:
+    """Median wall time of fn in milliseconds: one warm-up, then repeats within the budget."""
+    fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    first = time.perf_counter() - t0
+    reps = int(max(1, min(max_reps, budget_s / max(first, 1e-6))))
+    times = [first]
+    for _ in range(reps - 1):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def run_case(case: Case, device: str, budget_s: float) -> list[Row]:
+    inputs = case.setup(device)
+    results = {name: impl(*inputs) for name, impl in case.impls.items()}
+    if case.check is not None:
+        case.check(results)  # correctness on the spot: a wrong implementation is not timed
+    del results
+    rows = []
+    for name, impl in case.impls.items():
+        call = lambda: impl(*inputs)  # noqa: E731
+        ms = time_ms(call, device, budget_s)
+        mb = peak_extra_mb(call, device)
+        rows.append(Row(case.family, case.op, case.shape, name, ms, mb, name == case.ours, case.floor_ms))
+    del inputs
+    gc.collect()
+    return rows
+
+
+def machine_description(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+def _fmt(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def table(rows: list[Row]) -> list[list[str]]:
+    """One line per (op, shape, baseline): baseline time, ours, speed-up, both peaks."""
+    out = []
+    keys = []
+    for r in rows:
+        if (r.family, r.op, r.shape) not in keys:
+            keys.append((r.family, r.op, r.shape))
+    for key in keys:
+        group = [r for r in rows if (r.family, r.op, r.shape) == key]
+        ours = next((r for r in group if r.is_ours), None)
+        for r in group:
+            if r.is_ours or ours is None:
+                continue
+            out.append([
+                key[0], key[1], key[2], r.impl, _fmt(r.ms), _fmt(ours.ms), f"{r.ms / ours.ms:.1f}x",
+                _fmt(r.peak_mb, 1), _fmt(ours.peak_mb, 1), _fmt(ours.floor_ms, 3),
+            ])
+    return out
+
+
+HEADER = ["family", "op", "shape", "baseline", "baseline ms", "ours ms", "speed-up", "baseline peak MB",
+          "ours peak MB", "floor ms"]
+
+
+def format_text(lines: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(HEADER)]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    return "\n".join([fmt.format(*HEADER), fmt.format(*["-" * w for w in widths])] + [fmt.format(*l) for l in lines])
+
+
+def format_markdown(lines: list[list[str]], machine: str, command: str) -> str:
+    md = [f"# lossforge bench", "", f"- machine: {machine}", f"- date: {datetime.date.today()}",
+          f"- command: `{command}`", "- peak MB: extra memory at the peak of one call (CPU: resident set; "
+          "CUDA: allocator)", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    md += ["| " + " | ".join(l) + " |" for l in lines]
+    return "\n".join(md) + "\n"
+
+
+def plot(lines: list[list[str]], path: str, machine: str):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no chart (pip install lossforge[bench])", file=sys.stderr)
+        return
+    labels = [f"{l[1]} {l[2]}\nvs {l[3]}" for l in lines]
+    speedups = [float(l[6].rstrip("x")) for l in lines]
+    fig, ax = plt.subplots(figsize=(10, 0.35 * len(lines) + 1.5))
+    ax.barh(range(len(lines)), speedups, color="tab:blue")
+    ax.set_yticks(range(len(lines)), labels, fontsize=7)
+    ax.set_xscale("log")
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.invert_yaxis()
+    ax.set_xlabel("speed-up of lossforge over the baseline (log scale)")
+    ax.set_title(f"lossforge bench: {machine}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lossforge bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--full", action="store_true", help="the papers' sizes (slow on a CPU)")
+    parser.add_argument("--family", action="append", choices=FAMILIES, help="only these families")
+    parser.add_argument("--budget", type=float, default=1.0, help="seconds of timing per implementation")
+    parser.add_argument("--out", default=os.path.join("bench", "results"), help="folder for the report")
+    parser.add_argument("--name", default=None, help="report file stem (default: latest-<device>)")
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    _malloc_returns_memory()
+    import lossforge  # noqa: F401  (loads the ops)
+
+    machine = machine_description(args.device)
+    print(f"lossforge bench on {machine}", flush=True)
+    rows: list[Row] = []
+    for family in args.family or FAMILIES:
+        module = importlib.import_module(f"lossforge.benchmarks.{family}")
+        for case in module.cases(args.device, args.full):
+            print(f"  {case.family}: {case.op} {case.shape} ...", flush=True)
+            rows.extend(run_case(case, args.device, args.budget))
+    lines = table(rows)
+    print()
+    print(format_text(lines))
+    os.makedirs(args.out, exist_ok=True)
+    stem = args.name or f"latest-{args.device.split(':')[0]}"
+    command = "lossforge bench " + " ".join(argv if argv is not None else sys.argv[2:])
+    with open(os.path.join(args.out, stem + ".md"), "w") as f:
+        f.write(format_markdown(lines, machine, command.strip()))
+    plot(lines, os.path.join(args.out, stem + ".png"), machine)
+    print(f"\nwrote {os.path.join(args.out, stem)}.md and .png")
+    return 0
