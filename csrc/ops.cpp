@@ -20,4 +20,13 @@ STABLE_TORCH_LIBRARY(lossforge, m) {
       "Tensor stats, int dim, int ignore_index, float label_smoothing) -> Tensor");
   // ⊥Grad, in place on one gradient: g <- (g - (w.g / (w.w + 1e-30)) w) * |g| / (|g_perp| + 1e-30).
   m.def("orthograd_(Tensor(a!) grad, Tensor param) -> ()");
+
+  // ---- Sliced Wasserstein (csrc/sliced_wasserstein) ---------------------------------------------
+
+  // ---- Betti matching (csrc/betti_matching) ----------------------------------------------------
+
+  // ---- M-FAC (csrc/mfac) -----------------------------------------------------------------------
+
+  // ---- PamC (csrc/pamc) ------------------------------------------------------------------------
+
 }

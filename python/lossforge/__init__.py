@@ -1,4 +1,20 @@
-"""lossforge: fast, exact PyTorch kernels for training-time losses from recent papers."""
+"""lossforge: fast, exact PyTorch kernels for training-time losses from recent papers.
+
+Families (one module each): stablemax, sliced_wasserstein, betti_matching, mfac, pamc.
+Modules live in lossforge.nn, optimizers in lossforge.optim.
+"""
 __version__ = "0.1.0"
 
 from ._ops import build_info  # noqa: E402  (loads the compiled ops first)
+
+# StableMax
+
+# Sliced Wasserstein
+
+# Betti matching
+
+# M-FAC
+
+# PamC
+
+from . import nn, optim  # noqa: E402,F401

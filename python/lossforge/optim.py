@@ -1,0 +1,6 @@
+"""Optimizers built on lossforge's kernels."""
+import torch
+
+# StableMax (⊥Grad)
+
+# M-FAC
