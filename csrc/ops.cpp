@@ -22,6 +22,14 @@ STABLE_TORCH_LIBRARY(lossforge, m) {
   m.def("orthograd_(Tensor(a!) grad, Tensor param) -> ()");
 
   // ---- Sliced Wasserstein (csrc/sliced_wasserstein) ---------------------------------------------
+  // x [B, N, d], y [B, M, d], weights [B, N] / [B, M] (non-negative, normalised inside), projections
+  // [d, L] (shared) or [B, d, L]. Returns value [B] = mean_l W_p^p over the L slices and, in the same pass,
+  // d value[b] / d (x, y, x_weights, y_weights, projections) for the inputs whose flag is set
+  // ([B, N, d], [B, M, d], [B, N], [B, M], [B, d, L]; a [0] tensor where not requested).
+  m.def(
+      "sliced_wasserstein(Tensor x, Tensor y, Tensor? x_weights, Tensor? y_weights, Tensor projections, "
+      "float p, bool grad_points, bool grad_weights, bool grad_projections) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // ---- Betti matching (csrc/betti_matching) ----------------------------------------------------
 

@@ -10,6 +10,12 @@ from ._ops import build_info  # noqa: E402  (loads the compiled ops first)
 # StableMax
 
 # Sliced Wasserstein
+from .sliced_wasserstein import (  # noqa: E402,F401
+    distributional_sliced_wasserstein,
+    max_sliced_wasserstein,
+    sliced_wasserstein,
+    vmf_sample,
+)
 
 # Betti matching
 
