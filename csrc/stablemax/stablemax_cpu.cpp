@@ -174,34 +174,6 @@ void ce_backward_rows(const typename Acc<T>::type* grad_rows, bool grad_scalar, 
   }
 }
 
-void check_input(const Tensor& x, const char* op, const char* arg) {
-  check_floating(x, op, arg);
-  check_device(x, false, op, arg);
-  check_contiguous(x, op, arg);
-}
-
-ScalarType acc_dtype(ScalarType t) { return t == ScalarType::Double ? ScalarType::Double : ScalarType::Float; }
-
-// Checks target against input [.., V (at dim), ..] and returns the row layout.
-DimSplit check_ce_args(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
-                       int64_t dim, const char* op) {
-  check_input(input, op, "input");
-  check_device(target, false, op, "target");
-  check_dtype(target, ScalarType::Long, op, "target");
-  check_contiguous(target, op, "target");
-  const DimSplit d = split_at_dim(input, dim, op);
-  STD_TORCH_CHECK(target.numel() == d.rows(), op, ": target has ", target.numel(), " elements, expected ",
-                  d.rows(), " (input's shape without the class dimension)");
-  if (weight.has_value()) {
-    check_device(*weight, false, op, "weight");
-    check_dtype(*weight, acc_dtype(input.scalar_type()), op, "weight");
-    check_contiguous(*weight, op, "weight");
-    STD_TORCH_CHECK(weight->dim() == 1 && weight->size(0) == d.size, op, ": weight must have shape [",
-                    d.size, "] (one entry per class)");
-  }
-  return d;
-}
-
 void raise_bad_target(const BadTarget& bad, const Tensor& target, int64_t V, int64_t ignore_index) {
   const int64_t r = bad.row.load();
   if (r < 0) return;
@@ -210,7 +182,7 @@ void raise_bad_target(const BadTarget& bad, const Tensor& target, int64_t V, int
 }
 
 Tensor stablemax_cpu(Tensor x, int64_t dim, bool log) {
-  check_input(x, "stablemax", "x");
+  check_input(x, false, "stablemax", "x");
   const DimSplit d = split_at_dim(x, dim, "stablemax");
   Tensor out = torch::stable::empty_like(x);
   if (x.numel() == 0) return out;
@@ -229,13 +201,7 @@ Tensor stablemax_cpu(Tensor x, int64_t dim, bool log) {
 
 Tensor stablemax_backward_cpu(Tensor grad, Tensor x, Tensor out, int64_t dim, bool log) {
   const char* op = "stablemax_backward";
-  check_input(x, op, "x");
-  check_input(grad, op, "grad");
-  check_input(out, op, "out");
-  STD_TORCH_CHECK(grad.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type(), op,
-                  ": grad, x and out must have the same dtype");
-  STD_TORCH_CHECK(grad.numel() == x.numel() && out.numel() == x.numel(), op,
-                  ": grad, x and out must have the same shape");
+  check_stablemax_backward_args(grad, x, out, false, op);
   const DimSplit d = split_at_dim(x, dim, op);
   Tensor gx = torch::stable::empty_like(x);
   if (x.numel() == 0) return gx;
@@ -255,14 +221,11 @@ Tensor stablemax_backward_cpu(Tensor grad, Tensor x, Tensor out, int64_t dim, bo
 
 std::tuple<Tensor, Tensor> stablemax_cross_entropy_cpu(Tensor input, Tensor target, std::optional<Tensor> weight,
                                                        int64_t dim, int64_t ignore_index, double label_smoothing) {
-  const DimSplit d = check_ce_args(input, target, weight, dim, kCE);
+  const DimSplit d = check_ce_args(input, target, weight, dim, false, kCE);
   STD_TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, kCE,
                   ": label_smoothing must be in [0, 1], got ", label_smoothing);
-  const ScalarType acc = acc_dtype(input.scalar_type());
-  Tensor loss = torch::stable::new_empty(input, target.sizes(), acc);
-  std::vector<int64_t> stats_shape(target.sizes().begin(), target.sizes().end());
-  stats_shape.push_back(3);
-  Tensor stats = torch::stable::new_empty(input, stats_shape, acc);
+  Tensor loss, stats;
+  std::tie(loss, stats) = new_ce_outputs(input, target);
   if (d.rows() == 0) return {loss, stats};
   STD_TORCH_CHECK(d.size > 0, kCE, ": input has no classes (size 0 at the class dimension)");
   const RowLayout L{d.size, d.inner};
@@ -289,17 +252,8 @@ Tensor stablemax_cross_entropy_backward_cpu(Tensor grad_rows, Tensor input, Tens
                                             std::optional<Tensor> weight, Tensor stats, int64_t dim,
                                             int64_t ignore_index, double label_smoothing) {
   const char* op = "stablemax_cross_entropy_backward";
-  const DimSplit d = check_ce_args(input, target, weight, dim, op);
-  const ScalarType acc = acc_dtype(input.scalar_type());
-  check_device(grad_rows, false, op, "grad_rows");
-  check_dtype(grad_rows, acc, op, "grad_rows");
-  check_contiguous(grad_rows, op, "grad_rows");
-  STD_TORCH_CHECK(grad_rows.numel() == 1 || grad_rows.numel() == d.rows(), op,
-                  ": grad_rows must have one element or one per row");
-  check_device(stats, false, op, "stats");
-  check_dtype(stats, acc, op, "stats");
-  check_contiguous(stats, op, "stats");
-  STD_TORCH_CHECK(stats.numel() == 3 * d.rows(), op, ": stats must have shape target.shape + [3]");
+  const DimSplit d = check_ce_args(input, target, weight, dim, false, op);
+  check_ce_backward_args(grad_rows, stats, input, d, op);
   Tensor gx = torch::stable::empty_like(input);
   if (input.numel() == 0) return gx;
   const RowLayout L{d.size, d.inner};
@@ -333,10 +287,7 @@ Tensor stablemax_cross_entropy_backward_cpu(Tensor grad_rows, Tensor input, Tens
 // count); pass 2 writes the rescaled orthogonal component in place.
 void orthograd_cpu(Tensor grad, Tensor param) {
   const char* op = "orthograd_";
-  check_input(grad, op, "grad");
-  check_input(param, op, "param");
-  STD_TORCH_CHECK(grad.scalar_type() == param.scalar_type(), op, ": grad and param must have the same dtype");
-  STD_TORCH_CHECK(grad.numel() == param.numel(), op, ": grad and param must have the same number of elements");
+  check_orthograd_args(grad, param, false);
   const int64_t n = grad.numel();
   if (n == 0) return;
   constexpr int64_t kChunk = 1 << 16;
