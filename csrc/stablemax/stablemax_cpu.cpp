@@ -34,6 +34,7 @@ void stablemax_rows(const T* x, T* out, RowLayout L, int64_t r0, int64_t r1, boo
     T* o = out + L.base(r);
     A S = 0;
     for (int64_t c = 0; c < V; ++c) S += s<A>(static_cast<A>(xr[c * st]));
+    if (std::isinf(S)) S = NAN;  // a +inf logit: the whole row is NaN, as with softmax
     if (log) {
       const A logS = std::log(S);
       for (int64_t c = 0; c < V; ++c) o[c * st] = static_cast<T>(log_s<A>(static_cast<A>(xr[c * st])) - logS);
@@ -109,7 +110,8 @@ void ce_forward_rows(const T* x, const int64_t* target, const typename Acc<T>::t
     for (int64_t c = 0; c < y; ++c) S_other += s<A>(static_cast<A>(xr[c * st]));
     for (int64_t c = y + 1; c < V; ++c) S_other += s<A>(static_cast<A>(xr[c * st]));
     const A sy = s<A>(static_cast<A>(xr[y * st]));
-    const A S = sy + S_other;
+    A S = sy + S_other;
+    if (std::isinf(S)) S_other = S = NAN;  // a +inf logit: NaN loss and gradient, as with softmax
     const A wy = weight ? weight[y] : A(1);
     A l = A(1 - eps) * wy * std::log1p(S_other / sy);
     if (eps > 0) {

@@ -57,6 +57,7 @@ __global__ void stablemax_kernel(const T* __restrict__ x, T* __restrict__ out, R
   for (int64_t c = lane; c < V; c += G) S += s<A>(static_cast<A>(x[b + c * st]));
   S = group_sum<G>(S);
   if (!active) return;
+  if (::isinf(S)) S = A(NAN);  // a +inf logit: the whole row is NaN, as with softmax
   if (log) {
     const A logS = ::log(S);
     for (int64_t c = lane; c < V; c += G) out[b + c * st] = static_cast<T>(log_s<A>(static_cast<A>(x[b + c * st])) - logS);
@@ -112,7 +113,8 @@ __global__ void ce_forward_kernel(const T* __restrict__ x, const int64_t* __rest
   }
   S_other = group_sum<G>(S_other);
   sy = group_sum<G>(sy);
-  const A S = sy + S_other;
+  A S = sy + S_other;
+  if (::isinf(S)) S_other = S = A(NAN);  // a +inf logit: NaN loss and gradient, as with softmax
   A smooth = 0;
   if (eps > 0) {
     const A logS = ::log(S);
