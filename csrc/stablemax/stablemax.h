@@ -2,7 +2,8 @@
 //   s(x)     = x + 1 (x >= 0), 1 / (1 - x) (x < 0)   -- s(-inf) = 0, so -inf logits are masked
 //   log s(x) = sign(x) * log1p(|x|)
 //   h(x)     = d log s(x) / dx = 1 / (1 + |x|)       -- the factor between StableMax-CE and softmax-CE
-// Every element takes exactly one branch, so no inf/NaN from the other branch can leak into a gradient.
+// The value of each element comes from exactly one branch, so no inf/NaN from the other branch can leak
+// into a gradient (the reference's torch.where gives NaN gradients at x == 1.0).
 #pragma once
 
 #include <cmath>
@@ -23,9 +24,13 @@
 namespace lossforge {
 namespace stablemax {
 
+// Written with an unconditional division and a select (a = 1 + |x|; s = a or 1/a) so that the CPU
+// loops vectorise without branches; the selected value is exactly x + 1 or 1 / (1 - x).
 template <typename T>
 LF_HOST_DEVICE T s(T x) {
-  return x >= T(0) ? x + T(1) : T(1) / (T(1) - x);
+  const T a = T(1) + LF_MATH(fabs)(x);
+  const T r = T(1) / a;
+  return x >= T(0) ? a : r;
 }
 
 template <typename T>
@@ -36,6 +41,15 @@ LF_HOST_DEVICE T log_s(T x) {
 template <typename T>
 LF_HOST_DEVICE T h(T x) {
   return T(1) / (T(1) + LF_MATH(fabs)(x));
+}
+
+// s(x) and h(x) with one division: with a = 1 + |x|, s = a (x >= 0) or 1/a (x < 0), and h = 1/a.
+template <typename T>
+LF_HOST_DEVICE void s_and_h(T x, T& s_out, T& h_out) {
+  const T a = T(1) + LF_MATH(fabs)(x);
+  const T r = T(1) / a;
+  s_out = x >= T(0) ? a : r;
+  h_out = r;
 }
 
 // Accumulation type: float for float32/bfloat16/float16 storage, double for float64.

@@ -14,6 +14,12 @@ namespace {
 
 constexpr const char* kCE = "stablemax_cross_entropy";
 
+// Vectorised sum over a loop (float addition is not associative, so the compiler needs leave to
+// reorder it; -fopenmp-simd gives that leave per loop without an OpenMP runtime).
+#define LF_PRAGMA(x) _Pragma(#x)
+#define LF_SIMD_SUM(var) LF_PRAGMA(omp simd reduction(+ : var))
+#define LF_SIMD _Pragma("omp simd")
+
 // Rows per task: enough elements that a task amortises the pool's overhead.
 int64_t grain(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
 
@@ -33,6 +39,7 @@ void stablemax_rows(const T* x, T* out, RowLayout L, int64_t r0, int64_t r1, boo
     const T* xr = x + L.base(r);
     T* o = out + L.base(r);
     A S = 0;
+    LF_SIMD_SUM(S)
     for (int64_t c = 0; c < V; ++c) S += s<A>(static_cast<A>(xr[c * st]));
     if (std::isinf(S)) S = NAN;  // a +inf logit: the whole row is NaN, as with softmax
     if (log) {
@@ -40,6 +47,7 @@ void stablemax_rows(const T* x, T* out, RowLayout L, int64_t r0, int64_t r1, boo
       for (int64_t c = 0; c < V; ++c) o[c * st] = static_cast<T>(log_s<A>(static_cast<A>(xr[c * st])) - logS);
     } else {
       const A inv = A(1) / S;
+      LF_SIMD
       for (int64_t c = 0; c < V; ++c) o[c * st] = static_cast<T>(s<A>(static_cast<A>(xr[c * st])) * inv);
     }
   }
@@ -58,13 +66,16 @@ void stablemax_backward_rows(const T* g, const T* x, const T* out, T* gx, RowLay
     T* o = gx + b;
     A dot = 0;
     if (log) {
+      LF_SIMD_SUM(dot)
       for (int64_t c = 0; c < V; ++c) dot += static_cast<A>(gr[c * st]);
       for (int64_t c = 0; c < V; ++c) {
         const A p = std::exp(static_cast<A>(yr[c * st]));
         o[c * st] = static_cast<T>(h<A>(static_cast<A>(xr[c * st])) * (static_cast<A>(gr[c * st]) - p * dot));
       }
     } else {
+      LF_SIMD_SUM(dot)
       for (int64_t c = 0; c < V; ++c) dot += static_cast<A>(gr[c * st]) * static_cast<A>(yr[c * st]);
+      LF_SIMD
       for (int64_t c = 0; c < V; ++c) {
         const A p = static_cast<A>(yr[c * st]);
         o[c * st] = static_cast<T>(h<A>(static_cast<A>(xr[c * st])) * p * (static_cast<A>(gr[c * st]) - dot));
@@ -107,7 +118,9 @@ void ce_forward_rows(const T* x, const int64_t* target, const typename Acc<T>::t
     // The non-target sum is kept apart from s(x_y): log S - log s_y = log1p(S_-y / s_y) keeps the
     // loss of confident rows, which log(S) - log(s_y) would round to exactly 0 in float32.
     A S_other = 0;
+    LF_SIMD_SUM(S_other)
     for (int64_t c = 0; c < y; ++c) S_other += s<A>(static_cast<A>(xr[c * st]));
+    LF_SIMD_SUM(S_other)
     for (int64_t c = y + 1; c < V; ++c) S_other += s<A>(static_cast<A>(xr[c * st]));
     const A sy = s<A>(static_cast<A>(xr[y * st]));
     A S = sy + S_other;
@@ -119,8 +132,10 @@ void ce_forward_rows(const T* x, const int64_t* target, const typename Acc<T>::t
       const A logS = std::log(S);
       A smooth = 0;
       if (weight) {
+        LF_SIMD_SUM(smooth)
         for (int64_t c = 0; c < V; ++c) smooth += weight[c] * (logS - log_s<A>(static_cast<A>(xr[c * st])));
       } else {
+        LF_SIMD_SUM(smooth)
         for (int64_t c = 0; c < V; ++c) smooth += logS - log_s<A>(static_cast<A>(xr[c * st]));
       }
       l += A(eps / V) * smooth;
@@ -157,16 +172,21 @@ void ce_backward_rows(const typename Acc<T>::type* grad_rows, bool grad_scalar, 
     const A g = grad_rows[grad_scalar ? 0 : r];
     const A S_other = sr[0], invS = A(1) / sr[1], coef_t = A(1 - eps) * sr[2];
     if (weight) {
+      LF_SIMD
       for (int64_t c = 0; c < V; ++c) {
-        const A xc = static_cast<A>(xr[c * st]);
-        const A p = s<A>(xc) * invS;
-        o[c * st] = static_cast<T>(g * h<A>(xc) * (coef_t * p + coef_s * (p * W - weight[c])));
+        A sc, hc;
+        s_and_h<A>(static_cast<A>(xr[c * st]), sc, hc);
+        const A p = sc * invS;
+        o[c * st] = static_cast<T>(g * hc * (coef_t * p + coef_s * (p * W - weight[c])));
       }
     } else {
+      // without class weights W = V and w_c = 1: d = p (coef_t + eps) - eps / V
+      const A a = coef_t + coef_s * W, b = coef_s;
+      LF_SIMD
       for (int64_t c = 0; c < V; ++c) {
-        const A xc = static_cast<A>(xr[c * st]);
-        const A p = s<A>(xc) * invS;
-        o[c * st] = static_cast<T>(g * h<A>(xc) * (coef_t * p + coef_s * (p * W - A(1))));
+        A sc, hc;
+        s_and_h<A>(static_cast<A>(xr[c * st]), sc, hc);
+        o[c * st] = static_cast<T>(g * hc * (a * sc * invS - b));
       }
     }
     const A xy = static_cast<A>(xr[y * st]);
