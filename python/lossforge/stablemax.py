@@ -289,9 +289,7 @@ def _chunk_loss_and_grads(hidden, weight, bias, target, class_weight, ignore_ind
     gb = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_grads and bias is not None else None
     for i in range(0, n, chunk):
         h = hidden[i:i + chunk]
-        logits = h @ weight.t()
-        if bias is not None:
-            logits = logits + bias
+        logits = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
         t = target[i:i + chunk]
         lrows, stats = ops.stablemax_cross_entropy(logits, t, class_weight, 1, ignore_index, label_smoothing)
         loss_rows[i:i + chunk] = lrows
@@ -300,8 +298,12 @@ def _chunk_loss_and_grads(hidden, weight, bias, target, class_weight, ignore_ind
             g = grad_rows if grad_rows.numel() == 1 else grad_rows[i:i + chunk].contiguous()
             glogits = ops.stablemax_cross_entropy_backward(g, logits, t, class_weight, stats, 1, ignore_index,
                                                            label_smoothing)
-            gh[i:i + chunk] = glogits @ weight
-            gw += (glogits.t() @ h).to(acc)
+            del logits
+            torch.matmul(glogits, weight, out=gh[i:i + chunk])
+            if gw.dtype == glogits.dtype:
+                gw.addmm_(glogits.t(), h)  # accumulate inside the GEMM (beta = 1)
+            else:
+                gw += (glogits.t() @ h).to(acc)
             if gb is not None:
                 gb += glogits.sum(0, dtype=acc)
     return loss_rows, wsum_rows, gh, gw, gb
