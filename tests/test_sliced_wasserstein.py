@@ -539,3 +539,40 @@ def test_amortized_training_step_moves_directions_to_the_informative_axis(gen):
     assert all(p.grad is None for p in m.parameters())  # the direction is a constant for the loss
     with pytest.raises(ValueError, match="amortizer must be"):
         lfnn.AmortizedSlicedWasserstein(3, kappa=1.0, amortizer="mlp")
+
+
+# ---------------------------------------------------------------------------------------------------
+# CUDA against the CPU kernel (itself checked against POT and the reference above)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", ["fast", "fast_large", "weighted", "weighted_global", "ties"])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_cuda_matches_cpu(case, dtype, gen):
+    # fast_large: padded length 4096 in shared memory; weighted_global: the working arrays do not fit in
+    # shared memory and live in global scratch.
+    N, M, weights = {"fast": (300, 300, False), "fast_large": (3000, 3000, False), "weighted": (257, 100, True),
+                     "weighted_global": (9000, 7000, True), "ties": (200, 200, False)}[case]
+    x, y, wx, wy = clouds(3, N, M, 3, gen, weights, dtype=dtype)
+    if case == "ties":
+        x, y = torch.round(2 * x), torch.round(2 * y)
+    P = rand_proj(3, 40, gen, batch=3, dtype=dtype)
+    args = [x, y, wx, wy, P]
+    cpu = ops.sliced_wasserstein(*args, 1.5, True, weights, True)
+    gpu = ops.sliced_wasserstein(*[None if t is None else t.cuda() for t in args], 1.5, True, weights, True)
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
+    for a, b in zip(cpu, gpu):
+        torch.testing.assert_close(b.cpu(), a, **tol)
+
+
+@pytest.mark.cuda
+def test_cuda_deterministic_and_on_the_current_stream(gen):
+    x, y, wx, wy = clouds(4, 500, 300, 3, gen, weights=True, dtype=torch.float32, device="cuda")
+    P = rand_proj(3, 64, gen, dtype=torch.float32, device="cuda")
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        first = ops.sliced_wasserstein(x, y, wx, wy, P, 2.0, True, True, True)
+        second = ops.sliced_wasserstein(x, y, wx, wy, P, 2.0, True, True, True)
+    s.synchronize()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)

@@ -15,12 +15,11 @@
 
 #include "common/common.h"
 #include "sliced_wasserstein/sliced_wasserstein.h"
+#include "sliced_wasserstein/sliced_wasserstein_args.h"
 
 namespace lossforge {
 namespace sliced_wasserstein {
 namespace {
-
-constexpr const char* kOp = "sliced_wasserstein";
 
 // ---------------------------------------------------------------------------------------------------
 // Sorting one side of one slice.
@@ -564,63 +563,31 @@ std::vector<double> weight_inverse_sums(const T* w, int64_t B, int64_t n, const 
   return inv;
 }
 
-Tensor empty0(const Tensor& like) { return torch::stable::new_empty(like, {0}); }
-
-void check_tensor(const Tensor& t, const char* arg) {
-  check_device(t, false, kOp, arg);
-  check_contiguous(t, kOp, arg);
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sliced_wasserstein_cpu(
-    Tensor x, Tensor y, std::optional<Tensor> x_weights, std::optional<Tensor> y_weights, Tensor projections,
-    double p, bool grad_points, bool grad_weights, bool grad_projections) {
-  check_tensor(x, "x");
-  check_tensor(y, "y");
-  check_tensor(projections, "projections");
-  STD_TORCH_CHECK(x.scalar_type() == ScalarType::Float || x.scalar_type() == ScalarType::Double, kOp,
-                  ": x must be float32 or float64, got ", dtype_name(x.scalar_type()));
-  check_dtype(y, x.scalar_type(), kOp, "y");
-  check_dtype(projections, x.scalar_type(), kOp, "projections");
-  STD_TORCH_CHECK(x.dim() == 3 && y.dim() == 3, kOp, ": x and y must be [B, N, d] and [B, M, d]");
-  const int64_t B = x.size(0), N = x.size(1), d = x.size(2), M = y.size(1);
-  STD_TORCH_CHECK(y.size(0) == B && y.size(2) == d, kOp, ": y must have shape [", B, ", M, ", d, "]");
-  STD_TORCH_CHECK(N > 0 && M > 0 && d > 0, kOp, ": x and y need at least one point of dimension >= 1");
-  STD_TORCH_CHECK(N < (int64_t(1) << 32) && M < (int64_t(1) << 32), kOp, ": at most 2^32 - 1 points per side");
-  STD_TORCH_CHECK(projections.dim() == 2 || projections.dim() == 3, kOp, ": projections must be [d, L] or [B, d, L]");
-  const bool shared = projections.dim() == 2;
-  const int64_t L = projections.size(projections.dim() - 1);
-  STD_TORCH_CHECK(projections.size(projections.dim() - 2) == d && (shared || projections.size(0) == B), kOp,
-                  ": projections must be [", d, ", L] or [", B, ", ", d, ", L]");
-  STD_TORCH_CHECK(L > 0, kOp, ": need at least one projection");
-  STD_TORCH_CHECK(p >= 1.0 && std::isfinite(p), kOp, ": p must be a finite number >= 1, got ", p);
-  for (int side = 0; side < 2; ++side) {
-    const auto& w = side == 0 ? x_weights : y_weights;
-    if (!w.has_value()) continue;
-    const char* arg = side == 0 ? "x_weights" : "y_weights";
-    check_tensor(*w, arg);
-    check_dtype(*w, x.scalar_type(), kOp, arg);
-    const int64_t n = side == 0 ? N : M;
-    STD_TORCH_CHECK(w->dim() == 2 && w->size(0) == B && w->size(1) == n, kOp, ": ", arg, " must be [", B, ", ",
-                    n, "]");
-  }
-  const bool has_w = x_weights.has_value() || y_weights.has_value();
-  grad_weights = grad_weights && has_w;
-
-  Tensor value = torch::stable::new_empty(x, {B});
-  Tensor gx = grad_points ? torch::stable::new_zeros(x, {B, N, d}) : empty0(x);
-  Tensor gy = grad_points ? torch::stable::new_zeros(x, {B, M, d}) : empty0(x);
-  Tensor gwx = grad_weights && x_weights.has_value() ? torch::stable::new_empty(x, {B, N}) : empty0(x);
-  Tensor gwy = grad_weights && y_weights.has_value() ? torch::stable::new_empty(x, {B, M}) : empty0(x);
-  Tensor gth = grad_projections ? torch::stable::new_empty(x, {B, d, L}) : empty0(x);
-  if (B == 0) return {value, gx, gy, gwx, gwy, gth};
+Outputs sliced_wasserstein_cpu(Tensor x, Tensor y, std::optional<Tensor> x_weights, std::optional<Tensor> y_weights,
+                               Tensor projections, double p, bool grad_points, bool grad_weights,
+                               bool grad_projections) {
+  const Args a = check_args(x, y, x_weights, y_weights, projections, p, grad_points, grad_weights, grad_projections,
+                            /*cuda=*/false);
+  Outputs outs = allocate_outputs(x, a);
+  Tensor& value = std::get<0>(outs);
+  Tensor& gx = std::get<1>(outs);
+  Tensor& gy = std::get<2>(outs);
+  Tensor& gwx = std::get<3>(outs);
+  Tensor& gwy = std::get<4>(outs);
+  Tensor& gth = std::get<5>(outs);
+  const int64_t B = a.B, N = a.N, M = a.M, d = a.d, L = a.L;
+  const bool shared = a.shared;
+  grad_weights = a.grad_weights;
+  STD_TORCH_CHECK(N < (int64_t(1) << 32) && M < (int64_t(1) << 32), kOp, ": too many points");
+  if (B == 0) return outs;
 
   Options o;
   o.N = N;
   o.M = M;
   o.d = d;
   o.L = L;
-  o.P = ProjLayout{L, d, shared ? 0 : d * L};
-  o.fast = !has_w && N == M;
+  o.P = a.P;
+  o.fast = a.fast;
   o.grad_points = grad_points;
   o.grad_weights = grad_weights;
   o.grad_projections = grad_projections;
@@ -744,7 +711,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sliced_wasserstein_cp
   });
   STD_TORCH_CHECK(fail.kind.load() == 0, kOp, ": a projected value is not finite (pair ", fail.pair.load(),
                   ", projection ", fail.slice.load(), "): x, y and projections must be finite");
-  return {value, gx, gy, gwx, gwy, gth};
+  return outs;
 }
 
 }  // namespace
