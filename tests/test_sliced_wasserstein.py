@@ -576,3 +576,19 @@ def test_cuda_deterministic_and_on_the_current_stream(gen):
     s.synchronize()
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph(gen):
+    x, y, wx, wy = clouds(2, 40, 30, 3, gen, weights=True, dtype=torch.float32)
+    P = rand_proj(3, 16, gen, dtype=torch.float32)
+    x.requires_grad_()
+
+    def loss(a, b, wa, wb, proj):
+        return lossforge.sliced_wasserstein(a, b, wa, wb, projections=proj, p=2.0)
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got = compiled(x, y, wx, wy, P)
+    want = loss(x, y, wx, wy, P)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got, x)[0], torch.autograd.grad(want, x)[0])

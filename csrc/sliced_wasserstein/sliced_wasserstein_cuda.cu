@@ -98,18 +98,15 @@ __device__ double block_sum(double v, double* red) {
   return r;
 }
 
-// In-place inclusive scan of a[0..n) (reverse = suffix sums), deterministic: each thread scans a
-// contiguous chunk serially, thread 0 scans the chunk totals, then each chunk adds its offset.
+// In-place inclusive scan of a[0..n) (reverse = suffix sums), deterministic: each thread sums a
+// contiguous chunk, thread 0 scans the chunk totals, then each thread rescans its chunk from its offset
+// with a float64 running sum (so the scan of non-negative weights is non-decreasing after rounding).
 template <typename T>
 __device__ void block_scan(T* a, int n, bool reverse, double* red) {
   const int chunk = (n + kThreads - 1) / kThreads;
   const int lo = threadIdx.x * chunk, hi = min(n, lo + chunk);
   double s = 0;
-  for (int k = lo; k < hi; ++k) {
-    const int i = reverse ? n - 1 - k : k;
-    s += static_cast<double>(a[i]);
-    a[i] = static_cast<T>(s);
-  }
+  for (int k = lo; k < hi; ++k) s += static_cast<double>(a[reverse ? n - 1 - k : k]);
   red[threadIdx.x] = s;
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -121,10 +118,11 @@ __device__ void block_scan(T* a, int n, bool reverse, double* red) {
     }
   }
   __syncthreads();
-  const T off = static_cast<T>(red[threadIdx.x]);
+  double run = red[threadIdx.x];
   for (int k = lo; k < hi; ++k) {
     const int i = reverse ? n - 1 - k : k;
-    a[i] += off;
+    run += static_cast<double>(a[i]);
+    a[i] = static_cast<T>(run);
   }
   __syncthreads();
 }

@@ -37,6 +37,8 @@ class StableMaxCrossEntropyLoss(torch.nn.Module):
 # Sliced Wasserstein
 from .sliced_wasserstein import (  # noqa: E402
     _check_count,
+    _check_p,
+    _check_reduction,
     sliced_wasserstein as _sliced_wasserstein,
     vmf_sample as _vmf_sample,
 )
@@ -91,9 +93,10 @@ class AmortizedSlicedWasserstein(torch.nn.Module):
             raise ValueError(f"amortizer must be 'efficient_attention', got {amortizer!r}")
         if not (float(kappa) >= 0 and float(kappa) < float("inf")):
             raise ValueError(f"kappa must be finite and >= 0, got {kappa}")
+        _check_reduction(reduction)
         self.dim = dim
         self.kappa = float(kappa)
-        self.p = p
+        self.p = _check_p(p)
         self.root = root
         self.reduction = reduction
         self.amortizer_lr = amortizer_lr

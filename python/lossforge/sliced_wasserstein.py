@@ -126,8 +126,9 @@ def _check_points(x, y):
 
 def _host_checks(t: torch.Tensor) -> bool:
     # Value checks (finite, non-negative, ...) need the data on the host: done for CPU tensors only, so a
-    # CUDA call never synchronises (on CUDA a non-finite input gives a NaN result instead).
-    return t.device.type == "cpu"
+    # CUDA call never synchronises (on CUDA a non-finite input gives a NaN result instead), and not while
+    # torch.compile traces (data-dependent branches would break the graph; the CPU kernel still checks).
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _check_finite(t: torch.Tensor, name: str):
