@@ -16,5 +16,14 @@ from ._ops import build_info  # noqa: E402  (loads the compiled ops first)
 # M-FAC
 
 # PamC
+from .pamc import (  # noqa: E402
+    PamCGraph,
+    SBMGraph,
+    influence_matrix,
+    pairwise_contrastive_loss,
+    pamc_loss,
+    prepare_graph,
+    stochastic_block_model,
+)
 
 from . import nn, optim  # noqa: E402,F401
