@@ -15,6 +15,9 @@
 #include <array>
 #include <atomic>
 #include <cmath>
+#include <exception>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include "common/common.h"
@@ -386,6 +389,10 @@ std::tuple<Tensor, Tensor> pamc_segment_sum_cpu(Tensor z, Tensor labels, int64_t
 }
 
 // ---- tiled exact pairwise (Graph-MLP Ncontrast) --------------------------------------------------------
+//
+// One parallel region over blocks of rows; each task runs its own (single-threaded, nested) GEMMs into a
+// tile buffer of its own, so the whole loss costs one fork-join instead of several per tile. Errors
+// inside the region (an allocation or GEMM failure) are recorded and raised after it.
 
 struct Tiles {
   int64_t rows, cols;
@@ -397,87 +404,162 @@ Tiles check_tiles(int64_t block_rows, int64_t block_cols, int64_t n, const char*
   return Tiles{std::min(block_rows, std::max<int64_t>(n, 1)), std::min(block_cols, std::max<int64_t>(n, 1))};
 }
 
-// The [rows, cols] contiguous view at the front of a flat buffer.
-Tensor tile_view(Tensor& flat, int64_t rows, int64_t cols) {
-  return torch::stable::view(torch::stable::narrow(flat, 0, 0, rows * cols), {rows, cols});
+// Per-task scratch: a [rows * cols] similarity tile and a [rows, d] product, handed out to at most
+// get_num_threads() concurrent tasks.
+class TilePool {
+ public:
+  TilePool(const Tensor& like, Tiles tl, int64_t d) {
+    const int64_t k = std::max<int64_t>(1, torch::stable::get_num_threads());
+    for (int64_t i = 0; i < k; ++i) {
+      tiles_.push_back(torch::stable::new_empty(like, {tl.rows * tl.cols}));
+      outs_.push_back(torch::stable::new_empty(like, {tl.rows, std::max<int64_t>(d, 1)}));
+    }
+    busy_ = std::vector<std::atomic<bool>>(k);
+    for (auto& b : busy_) b.store(false);
+  }
+  int64_t acquire() {
+    for (;;)
+      for (size_t i = 0; i < busy_.size(); ++i) {
+        bool expected = false;
+        if (busy_[i].compare_exchange_strong(expected, true)) return static_cast<int64_t>(i);
+      }
+  }
+  void release(int64_t i) { busy_[i].store(false); }
+  // The [rows, cols] contiguous view at the front of tile i.
+  Tensor tile(int64_t i, int64_t rows, int64_t cols) {
+    return torch::stable::view(torch::stable::narrow(tiles_[i], 0, 0, rows * cols), {rows, cols});
+  }
+  Tensor out(int64_t i, int64_t rows) { return torch::stable::narrow(outs_[i], 0, 0, rows); }
+
+ private:
+  std::vector<Tensor> tiles_, outs_;
+  std::vector<std::atomic<bool>> busy_;
+};
+
+// Runs body(task_slot, row_block) for every block of rows, in one parallel region.
+struct RegionError {
+  std::atomic<bool> failed{false};
+  std::string message;
+  void record(const char* what) {
+    bool expected = false;
+    if (failed.compare_exchange_strong(expected, true)) message = what;
+  }
+};
+
+template <typename F>
+void for_row_blocks(int64_t n, Tiles tl, TilePool& pool, const char* op, F&& body) {
+  const int64_t blocks = (n + tl.rows - 1) / tl.rows;
+  RegionError err;
+  torch::stable::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t slot = pool.acquire();
+    try {
+      for (int64_t b = b0; b < b1 && !err.failed.load(); ++b) body(slot, b * tl.rows, std::min(tl.rows, n - b * tl.rows));
+    } catch (const std::exception& e) {
+      err.record(e.what());
+    } catch (...) {
+      err.record("unknown error");
+    }
+    pool.release(slot);
+  });
+  STD_TORCH_CHECK(!err.failed.load(), op, ": ", err.message);
 }
 
-// log N_i = log sum_j exp(tau s_ij) with s_ii = 0, one row block x column block at a time.
+// Below this |tau| a fixed shift of |tau| keeps every e^{tau s - |tau|} >= e^{-2|tau|} a normal float, so
+// the row sums need no running maximum; above it the tile's maximum is the shift.
+constexpr double kFixedShiftTau = 40.0;
+
+// log N_i = log sum_j exp(tau s_ij) with s_ii = 0.
 template <typename T>
-void pairwise_lse_forward(Tensor& u, int64_t n, double tau, Tiles tl, T* logn) {
-  std::vector<OnlineLSE> st(n);
-  for (auto& s : st) s.init();
-  Tensor flat = torch::stable::new_empty(u, {tl.rows * tl.cols});
-  for (int64_t r0 = 0; r0 < n; r0 += tl.rows) {
-    const int64_t rr = std::min(tl.rows, n - r0);
+void pairwise_lse_forward(Tensor& u, int64_t n, double tau, Tiles tl, T* logn, const char* op) {
+  TilePool pool(u, tl, 0);
+  const T tt = static_cast<T>(tau);
+  const bool fixed = std::fabs(tau) <= kFixedShiftTau;
+  for_row_blocks(n, tl, pool, op, [&](int64_t slot, int64_t r0, int64_t rr) {
     Tensor ur = torch::stable::narrow(u, 0, r0, rr);
+    std::vector<OnlineLSE> st(rr);
+    for (auto& s : st) s.init();
     for (int64_t c0 = 0; c0 < n; c0 += tl.cols) {
       const int64_t cc = std::min(tl.cols, n - c0);
-      Tensor uc = torch::stable::narrow(u, 0, c0, cc);
-      Tensor s = tile_view(flat, rr, cc);
-      mm_out(ur, torch::stable::transpose(uc, 0, 1), s);
+      Tensor s = pool.tile(slot, rr, cc);
+      mm_out(ur, torch::stable::transpose(torch::stable::narrow(u, 0, c0, cc), 0, 1), s);
       T* sp = s.mutable_data_ptr<T>();
-      torch::stable::parallel_for(0, rr, row_grain(2 * cc), [&](int64_t b, int64_t e) {
-        for (int64_t r = b; r < e; ++r) {
-          const int64_t i = r0 + r;
-          T* srow = sp + r * cc;
-          if (i >= c0 && i < c0 + cc) srow[i - c0] = T(0);  // the masked self-similarity
+      for (int64_t r = 0; r < rr; ++r) {
+        const int64_t i = r0 + r;
+        T* srow = sp + r * cc;
+        if (i >= c0 && i < c0 + cc) srow[i - c0] = T(0);  // the masked self-similarity
+        T mx = std::fabs(tt);
+        if (!fixed) {
           T lo = srow[0], hi = srow[0];
           for (int64_t c = 1; c < cc; ++c) {
             lo = std::min(lo, srow[c]);
             hi = std::max(hi, srow[c]);
           }
-          const T tt = static_cast<T>(tau);
-          const T mx = tt >= T(0) ? tt * hi : tt * lo;
-          T l = 0;
-          for (int64_t c = 0; c < cc; ++c) l += std::exp(tt * srow[c] - mx);
-          st[i].merge(static_cast<double>(mx), static_cast<double>(l));
+          mx = tt >= T(0) ? tt * hi : tt * lo;
         }
-      });
+        T l = 0;
+        for (int64_t c = 0; c < cc; ++c) l += std::exp(tt * srow[c] - mx);
+        st[r].merge(static_cast<double>(mx), static_cast<double>(l));
+      }
     }
-  }
-  for (int64_t i = 0; i < n; ++i) logn[i] = static_cast<T>(st[i].value());
+    for (int64_t r = 0; r < rr; ++r) logn[r0 + r] = static_cast<T>(st[r].value());
+  });
 }
 
-// gu_i += tau sum_{j != i} [alpha_i exp(tau s_ij - log N_i) + alpha_j exp(tau s_ij - log N_j)] u_j: the
-// gradient of sum_i alpha_i log N_i, both sides of the symmetric s gathered per row block.
+// Below this |tau| (with log n added) the backward's per-row factors e^{+-L/2} stay finite in T.
+template <typename T>
+bool one_exp_backward(double tau, int64_t n) {
+  const double limit = std::is_same<T, float>::value ? 150.0 : 1300.0;
+  return std::fabs(tau) + std::log(static_cast<double>(n) + 1.0) < limit;
+}
+
+// gu_i += tau sum_{j != i} [alpha_i exp(tau s_ij - L_i) + alpha_j exp(tau s_ij - L_j)] u_j, L = log N: the
+// gradient of sum_i alpha_i log N_i, both sides of the symmetric s gathered per block of rows. With
+// h = e^{L/2} and beta = alpha / h, the bracket is e^{tau s_ij - L_i/2 - L_j/2} (beta_i h_j + beta_j h_i):
+// one exp per pair (e^{tau s - L} <= 1 since N includes that term, and L >= 0 since N includes e^0).
 template <typename T>
 void pairwise_lse_backward(Tensor& u, int64_t n, int64_t d, double tau, Tiles tl, const T* alpha, const T* logn,
-                           T* gu) {
-  Tensor flat = torch::stable::new_empty(u, {tl.rows * tl.cols});
-  Tensor tmp = torch::stable::new_empty(u, {tl.rows, d});
+                           T* gu, const char* op) {
+  TilePool pool(u, tl, d);
   const T tt = static_cast<T>(tau);
-  for (int64_t r0 = 0; r0 < n; r0 += tl.rows) {
-    const int64_t rr = std::min(tl.rows, n - r0);
+  const bool one_exp = one_exp_backward<T>(tau, n);
+  std::vector<T> half(n), h(n), beta(n);
+  for (int64_t i = 0; i < n; ++i) {
+    half[i] = logn[i] / T(2);
+    h[i] = std::exp(half[i]);
+    beta[i] = alpha[i] / h[i];
+  }
+  for_row_blocks(n, tl, pool, op, [&](int64_t slot, int64_t r0, int64_t rr) {
     Tensor ur = torch::stable::narrow(u, 0, r0, rr);
-    Tensor out = torch::stable::narrow(tmp, 0, 0, rr);
+    Tensor out = pool.out(slot, rr);
     for (int64_t c0 = 0; c0 < n; c0 += tl.cols) {
       const int64_t cc = std::min(tl.cols, n - c0);
       Tensor uc = torch::stable::narrow(u, 0, c0, cc);
-      Tensor s = tile_view(flat, rr, cc);
+      Tensor s = pool.tile(slot, rr, cc);
       mm_out(ur, torch::stable::transpose(uc, 0, 1), s);
       T* sp = s.mutable_data_ptr<T>();
-      torch::stable::parallel_for(0, rr, row_grain(2 * cc), [&](int64_t b, int64_t e) {
-        for (int64_t r = b; r < e; ++r) {
-          const int64_t i = r0 + r;
-          T* srow = sp + r * cc;
+      for (int64_t r = 0; r < rr; ++r) {
+        const int64_t i = r0 + r;
+        T* srow = sp + r * cc;
+        if (one_exp) {
+          const T hi = half[i], bi = beta[i], ei = h[i];
+          const T *hj = half.data() + c0, *bj = beta.data() + c0, *ej = h.data() + c0;
+          for (int64_t c = 0; c < cc; ++c)
+            srow[c] = tt * std::exp(tt * srow[c] - hi - hj[c]) * (bi * ej[c] + bj[c] * ei);
+        } else {
           const T ai = alpha[i], li = logn[i];
-          const T* aj = alpha + c0;
-          const T* lj = logn + c0;
+          const T *aj = alpha + c0, *lj = logn + c0;
           for (int64_t c = 0; c < cc; ++c) {
             const T x = tt * srow[c];
             srow[c] = tt * (ai * std::exp(x - li) + aj[c] * std::exp(x - lj[c]));
           }
-          if (i >= c0 && i < c0 + cc) srow[i - c0] = T(0);  // s_ii is a constant
         }
-      });
+        if (i >= c0 && i < c0 + cc) srow[i - c0] = T(0);  // s_ii is a constant
+      }
       mm_out(s, uc, out);
-      const T* op = out.const_data_ptr<T>();
-      torch::stable::parallel_for(0, rr, row_grain(d), [&](int64_t b, int64_t e) {
-        for (int64_t r = b; r < e; ++r) axpy(T(1), op + r * d, gu + (r0 + r) * d, d);
-      });
+      const T* op_ = out.const_data_ptr<T>();
+      for (int64_t r = 0; r < rr; ++r) axpy(T(1), op_ + r * d, gu + (r0 + r) * d, d);
     }
-  }
+  });
 }
 
 std::tuple<Tensor, Tensor> pairwise_contrastive_cpu(Tensor z, Tensor rowptr, Tensor col, Tensor weight,
@@ -502,7 +584,7 @@ std::tuple<Tensor, Tensor> pairwise_contrastive_cpu(Tensor z, Tensor rowptr, Ten
     positive_forward(u.const_data_ptr<scalar_t>(), n, d, g, w, tau, 0.0, logp.data(), bad_col, bad_w);
     raise_bad_col(bad_col, g.col, n, op);
     raise_bad_weight(bad_w, w, op);
-    pairwise_lse_forward(u, n, tau, tl, logn.data());
+    pairwise_lse_forward(u, n, tau, tl, logn.data(), op);
     scalar_t* lp = loss.mutable_data_ptr<scalar_t>();
     scalar_t* sp = stats.mutable_data_ptr<scalar_t>();
     for (int64_t i = 0; i < n; ++i) {
@@ -549,7 +631,7 @@ Tensor pairwise_contrastive_backward_cpu(Tensor grad, Tensor z, Tensor rowptr, T
     }
     Tensor gu = torch::stable::new_zeros(z, {n, d});
     scalar_t* gup = gu.mutable_data_ptr<scalar_t>();
-    pairwise_lse_backward(u, n, d, tau, tl, alpha.data(), logn.data(), gup);
+    if (d > 0) pairwise_lse_backward(u, n, d, tau, tl, alpha.data(), logn.data(), gup, op);
     std::vector<scalar_t> c(std::max<int64_t>(g.nnz, 1));
     const scalar_t* up = u.const_data_ptr<scalar_t>();
     positive_backward_rows(up, n, d, g, weight.const_data_ptr<scalar_t>(), gamma.data(), logp.data(), tau, c.data(),
