@@ -343,9 +343,11 @@ def test_opcheck(device, gen):
     if device == "cpu":
         torch.library.opcheck(ops.pamc_build_csr.default, (ei[0].contiguous(), ei[1].contiguous(), n))
     torch.library.opcheck(ops.pamc_positive.default, (rz, *csr, 1.5, 1e-10))
-    lse = ops.pamc_positive(z, *csr, 1.5, 1e-10)
+    lse, u, inv = ops.pamc_positive(z, *csr, 1.5, 1e-10)
+    torch.testing.assert_close(u, F.normalize(z, dim=1, eps=1e-12))
+    torch.testing.assert_close(inv, 1 / z.norm(dim=1))
     grad = torch.randn(n, generator=gen, dtype=f64).to(device)
-    torch.library.opcheck(ops.pamc_positive_backward.default, (grad, z, *csr[:3], *csr[3:], lse, 1.5))
+    torch.library.opcheck(ops.pamc_positive_backward.default, (grad, u, inv, *csr, lse, 1.5))
     labels = torch.randint(0, 3, (n,), generator=gen).to(device)
     torch.library.opcheck(ops.pamc_segment_sum.default, (rz, labels, 4))
     torch.library.opcheck(ops.pairwise_contrastive.default, (rz, *csr, 0.7, 4, 3))

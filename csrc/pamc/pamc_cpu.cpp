@@ -189,15 +189,16 @@ void positive_forward(const T* u, int64_t n, int64_t d, Csr g, const T* w, doubl
 }
 
 // Backward, pass 1 (rows): c_p = g_i tau w_p exp(x_p - lse_i) for every edge of row i (0 for self-loops,
-// whose similarity is a constant), and gu_i += sum_p c_p u_j.
+// whose similarity is a constant), and gu_i = sum_p c_p u_j (+= when `accumulate`).
 template <typename T>
 void positive_backward_rows(const T* u, int64_t n, int64_t d, Csr g, const T* w, const T* grad, const T* lse,
-                            double tau, T* c, T* gu) {
+                            double tau, T* c, T* gu, bool accumulate) {
   const int64_t avg = g.nnz / std::max<int64_t>(n, 1) + 1;
   torch::stable::parallel_for(0, n, row_grain(2 * avg * d), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const T* ui = u + i * d;
       T* gi = gu + i * d;
+      if (!accumulate) std::fill(gi, gi + d, T(0));
       const double gscale = static_cast<double>(grad[i]) * tau;
       const double li = static_cast<double>(lse[i]);
       const bool live = gscale != 0.0 && li != -INFINITY;
@@ -220,6 +221,7 @@ void positive_backward_rows(const T* u, int64_t n, int64_t d, Csr g, const T* w,
 
 // Backward, pass 2 (columns, over the transposed edge list): gu_j += sum_{edges (i, j)} c_p u_i, then the
 // normalisation's Jacobian: gz_j = inv_j (gu_j - (gu_j . u_j) u_j), or inv_j gu_j for a clamped row.
+// gz may be gu itself (row j is finished before it is overwritten, and only u is read across rows).
 template <typename T>
 void positive_backward_cols(const T* u, const T* inv, int64_t n, int64_t d, Csc t, int64_t nnz, const T* c, T* gu,
                             T* gz, FirstBad& bad) {
@@ -301,21 +303,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> pamc_build_csr_cpu(Te
   return {rowptr, col_sorted, perm, colptr, trow, tedge};
 }
 
-Tensor pamc_positive_cpu(Tensor z, Tensor rowptr, Tensor col, Tensor weight, Tensor colptr, Tensor trow,
-                         Tensor tedge, double tau, double eps) {
+std::tuple<Tensor, Tensor, Tensor> pamc_positive_cpu(Tensor z, Tensor rowptr, Tensor col, Tensor weight,
+                                                     Tensor colptr, Tensor trow, Tensor tedge, double tau,
+                                                     double eps) {
   const char* op = "pamc_positive";
   check_z(z, op);
   STD_TORCH_CHECK(std::isfinite(tau), op, ": tau must be finite, got ", tau);
   STD_TORCH_CHECK(eps >= 0.0, op, ": eps must be non-negative, got ", eps);
   const int64_t n = z.size(0), d = z.size(1);
   Tensor lse = torch::stable::new_empty(z, {n});
-  if (n == 0) return lse;
+  Tensor u = torch::stable::empty_like(z);
+  Tensor inv = torch::stable::new_empty(z, {n});
+  if (n == 0) return {lse, u, inv};
   LF_DISPATCH_FLOAT_DOUBLE(z.scalar_type(), op, [&] {
     const Csr g = check_csr<scalar_t>(z, rowptr, col, weight, op);
     check_csc(colptr, trow, tedge, n, g.nnz, op);
-    Tensor u = torch::stable::empty_like(z);
-    std::vector<scalar_t> inv(n);
-    normalize_rows(z.const_data_ptr<scalar_t>(), u.mutable_data_ptr<scalar_t>(), inv.data(), n, d);
+    normalize_rows(z.const_data_ptr<scalar_t>(), u.mutable_data_ptr<scalar_t>(), inv.mutable_data_ptr<scalar_t>(),
+                   n, d);
     FirstBad bad_col, bad_w;
     const scalar_t* w = weight.const_data_ptr<scalar_t>();
     positive_forward(u.const_data_ptr<scalar_t>(), n, d, g, w, tau, eps, lse.mutable_data_ptr<scalar_t>(), bad_col,
@@ -323,36 +327,33 @@ Tensor pamc_positive_cpu(Tensor z, Tensor rowptr, Tensor col, Tensor weight, Ten
     raise_bad_col(bad_col, g.col, n, op);
     raise_bad_weight(bad_w, w, op);
   });
-  return lse;
+  return {lse, u, inv};
 }
 
-Tensor pamc_positive_backward_cpu(Tensor grad, Tensor z, Tensor rowptr, Tensor col, Tensor weight, Tensor colptr,
-                                  Tensor trow, Tensor tedge, Tensor lse, double tau) {
+Tensor pamc_positive_backward_cpu(Tensor grad, Tensor u, Tensor inv, Tensor rowptr, Tensor col, Tensor weight,
+                                  Tensor colptr, Tensor trow, Tensor tedge, Tensor lse, double tau) {
   const char* op = "pamc_positive_backward";
-  check_z(z, op);
-  const int64_t n = z.size(0), d = z.size(1);
-  for (const Tensor* t : {&grad, &lse}) {
-    check_device(*t, false, op, t == &grad ? "grad" : "lse");
-    check_dtype(*t, z.scalar_type(), op, t == &grad ? "grad" : "lse");
-    check_contiguous(*t, op, t == &grad ? "grad" : "lse");
-    STD_TORCH_CHECK(t->dim() == 1 && t->size(0) == n, op, ": grad and lse must have shape [", n, "]");
+  check_z(u, op);
+  const int64_t n = u.size(0), d = u.size(1);
+  for (const Tensor* t : {&grad, &inv, &lse}) {
+    const char* name = t == &grad ? "grad" : t == &inv ? "inv" : "lse";
+    check_device(*t, false, op, name);
+    check_dtype(*t, u.scalar_type(), op, name);
+    check_contiguous(*t, op, name);
+    STD_TORCH_CHECK(t->dim() == 1 && t->size(0) == n, op, ": ", name, " must have shape [", n, "]");
   }
-  Tensor gz = torch::stable::empty_like(z);
+  Tensor gz = torch::stable::empty_like(u);
   if (n == 0) return gz;
-  LF_DISPATCH_FLOAT_DOUBLE(z.scalar_type(), op, [&] {
-    const Csr g = check_csr<scalar_t>(z, rowptr, col, weight, op);
+  LF_DISPATCH_FLOAT_DOUBLE(u.scalar_type(), op, [&] {
+    const Csr g = check_csr<scalar_t>(u, rowptr, col, weight, op);
     const Csc t = check_csc(colptr, trow, tedge, n, g.nnz, op);
-    Tensor u = torch::stable::empty_like(z);
-    std::vector<scalar_t> inv(n);
-    normalize_rows(z.const_data_ptr<scalar_t>(), u.mutable_data_ptr<scalar_t>(), inv.data(), n, d);
-    Tensor gu = torch::stable::new_zeros(z, {n, d});
     std::vector<scalar_t> c(std::max<int64_t>(g.nnz, 1));
     const scalar_t* up = u.const_data_ptr<scalar_t>();
-    scalar_t* gup = gu.mutable_data_ptr<scalar_t>();
+    scalar_t* gzp = gz.mutable_data_ptr<scalar_t>();
     positive_backward_rows(up, n, d, g, weight.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
-                           lse.const_data_ptr<scalar_t>(), tau, c.data(), gup);
+                           lse.const_data_ptr<scalar_t>(), tau, c.data(), gzp, false);
     FirstBad bad;
-    positive_backward_cols(up, inv.data(), n, d, t, g.nnz, c.data(), gup, gz.mutable_data_ptr<scalar_t>(), bad);
+    positive_backward_cols(up, inv.const_data_ptr<scalar_t>(), n, d, t, g.nnz, c.data(), gzp, gzp, bad);
     STD_TORCH_CHECK(bad.get() < 0, op, ": transposed edge list entry ", bad.get(), " is out of range");
   });
   return gz;
@@ -612,7 +613,7 @@ Tensor pairwise_contrastive_backward_cpu(Tensor grad, Tensor z, Tensor rowptr, T
   check_contiguous(stats, op, "stats");
   STD_TORCH_CHECK(stats.dim() == 2 && stats.size(0) == n && stats.size(1) == 2, op, ": stats must have shape [", n,
                   ", 2]");
-  Tensor gz = torch::stable::empty_like(z);
+  Tensor gz = torch::stable::new_zeros(z, {n, d});  // accumulates gu, then becomes gz in place
   if (n == 0) return gz;
   LF_DISPATCH_FLOAT_DOUBLE(z.scalar_type(), op, [&] {
     const Csr g = check_csr<scalar_t>(z, rowptr, col, weight, op);
@@ -629,15 +630,14 @@ Tensor pairwise_contrastive_backward_cpu(Tensor grad, Tensor z, Tensor rowptr, T
       alpha[i] = static_cast<scalar_t>(static_cast<double>(gp[i]) * a);  // d loss_i / d log N_i
       gamma[i] = -alpha[i];                                              // d loss_i / d log P_i
     }
-    Tensor gu = torch::stable::new_zeros(z, {n, d});
-    scalar_t* gup = gu.mutable_data_ptr<scalar_t>();
+    scalar_t* gup = gz.mutable_data_ptr<scalar_t>();
     if (d > 0) pairwise_lse_backward(u, n, d, tau, tl, alpha.data(), logn.data(), gup, op);
     std::vector<scalar_t> c(std::max<int64_t>(g.nnz, 1));
     const scalar_t* up = u.const_data_ptr<scalar_t>();
     positive_backward_rows(up, n, d, g, weight.const_data_ptr<scalar_t>(), gamma.data(), logp.data(), tau, c.data(),
-                           gup);
+                           gup, true);
     FirstBad bad;
-    positive_backward_cols(up, inv.data(), n, d, t, g.nnz, c.data(), gup, gz.mutable_data_ptr<scalar_t>(), bad);
+    positive_backward_cols(up, inv.data(), n, d, t, g.nnz, c.data(), gup, gup, bad);
     STD_TORCH_CHECK(bad.get() < 0, op, ": transposed edge list entry ", bad.get(), " is out of range");
   });
   return gz;

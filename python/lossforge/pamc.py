@@ -212,25 +212,29 @@ def _build_csr_fake(row, col, num_nodes):
 
 @torch.library.register_fake("lossforge::pamc_positive")
 def _positive_fake(z, rowptr, col, weight, colptr, trow, tedge, tau, eps):
-    return z.new_empty(z.shape[0])
+    n = z.shape[0]
+    return z.new_empty(n), torch.empty_like(z), z.new_empty(n)
 
 
 @torch.library.register_fake("lossforge::pamc_positive_backward")
-def _positive_backward_fake(grad, z, rowptr, col, weight, colptr, trow, tedge, lse, tau):
-    return torch.empty_like(z)
+def _positive_backward_fake(grad, u, inv, rowptr, col, weight, colptr, trow, tedge, lse, tau):
+    return torch.empty_like(u)
 
 
 def _positive_setup(ctx, inputs, output):
     z, rowptr, col, weight, colptr, trow, tedge, tau, eps = inputs
-    ctx.save_for_backward(z, rowptr, col, weight, colptr, trow, tedge, output)
+    lse, u, inv = output
+    ctx.mark_non_differentiable(u, inv)
+    ctx.save_for_backward(u, inv, rowptr, col, weight, colptr, trow, tedge, lse)
     ctx.tau = tau
 
 
-def _positive_backward(ctx, grad):
-    z, rowptr, col, weight, colptr, trow, tedge, lse = ctx.saved_tensors
+def _positive_backward(ctx, grad, grad_u, grad_inv):
+    u, inv, rowptr, col, weight, colptr, trow, tedge, lse = ctx.saved_tensors
     gz = None
     if ctx.needs_input_grad[0]:
-        gz = ops.pamc_positive_backward(grad.contiguous(), z, rowptr, col, weight, colptr, trow, tedge, lse, ctx.tau)
+        gz = ops.pamc_positive_backward(grad.contiguous(), u, inv, rowptr, col, weight, colptr, trow, tedge, lse,
+                                        ctx.tau)
     return gz, None, None, None, None, None, None, None, None
 
 
@@ -325,7 +329,8 @@ def _reduce(per_node: torch.Tensor, reduction: str) -> torch.Tensor:
 
 def _positive_lse(z: torch.Tensor, graph: PamCGraph, tau: float, eps: float) -> torch.Tensor:
     w = graph.weight.to(z.dtype)
-    return ops.pamc_positive(z, graph.rowptr, graph.col, w, graph.colptr, graph.trow, graph.tedge, tau, eps)
+    lse, _, _ = ops.pamc_positive(z, graph.rowptr, graph.col, w, graph.colptr, graph.trow, graph.tedge, tau, eps)
+    return lse
 
 
 # ---- meta-nodes and the k×k block ------------------------------------------------------------------
