@@ -374,6 +374,18 @@ def test_build_csr_layout(gen):
     assert torch.equal(colptr, torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(col, minlength=n).cumsum(0)]))
 
 
+def test_torch_csr_builder_matches_the_counting_sort(gen):
+    """The CSR layout built from torch's sorts (the path on CUDA) equals the C++ counting sort."""
+    n, E = 25, 300
+    row, col = torch.randint(0, n, (E,), generator=gen), torch.randint(0, n, (E,), generator=gen)
+    row[:30] = 3  # a long row, and rows and columns without entries
+    for a, b in zip(pamc._csr_from_edges_torch(row, col, n), ops.pamc_build_csr(row, col, n)):
+        assert torch.equal(a, b)
+    empty = torch.zeros(0, dtype=torch.long)
+    for a, b in zip(pamc._csr_from_edges_torch(empty, empty, 4), ops.pamc_build_csr(empty, empty, 4)):
+        assert torch.equal(a, b)
+
+
 def test_thread_count_does_not_change_bits(gen):
     n = 300
     ei, w = random_graph(gen, n, 3000)

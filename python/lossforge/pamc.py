@@ -41,8 +41,10 @@ __all__ = [
 PAMC_EPS = 1e-10  # inside the logs of L_PamC (the authors' code)
 PAIRWISE_EPS = 1e-8  # inside the log of L_N (Graph-MLP's Ncontrast); the kernels hard-code it too
 NORM_EPS = 1e-12  # cosine similarity: z / max(|z|, eps)
-# Tile of the exact pairwise loss: block_rows × block_cols similarities at a time (4 MiB in float32).
+# Tile of the exact pairwise loss: block_rows × block_cols similarities at a time (4 MiB in float32 on
+# the CPU, one per thread; 64 MiB on a GPU, where bigger GEMMs keep it busy).
 BLOCK_ROWS, BLOCK_COLS = 512, 2048
+CUDA_BLOCK_ROWS, CUDA_BLOCK_COLS = 2048, 8192
 
 _FLOAT = (torch.float32, torch.float64)
 _REDUCTIONS = ("none", "mean", "sum")
@@ -128,6 +130,11 @@ def _csr_from_edges(row: torch.Tensor, col: torch.Tensor, num_nodes: int):
     sorts in torch elsewhere."""
     if row.device.type == "cpu":
         return ops.pamc_build_csr(row.contiguous(), col.contiguous(), num_nodes)
+    return _csr_from_edges_torch(row, col, num_nodes)
+
+
+def _csr_from_edges_torch(row: torch.Tensor, col: torch.Tensor, num_nodes: int):
+    """The same layout from torch's stable sorts (any device; no host sync)."""
     perm = torch.argsort(row, stable=True)
     col_s, row_s = col[perm], row[perm]
     zero = row.new_zeros(1)
@@ -430,15 +437,16 @@ def pairwise_contrastive_loss(z: torch.Tensor, edge_index, edge_weight: torch.Te
     """Graph-MLP's exact all-pairs contrastive loss, −(1/n) Σ_i log(P_i / N_i + 1e−8), with
     P_i = Σ_j Γ_ij e^{τ s_ij} and N_i = Σ_j e^{τ s_ij} over all n nodes (s_ii = 0).
 
-    Computed tiled (blocks of 512 rows × 2048 columns, online log-sum-exp): O(n·d) memory, no n×n
-    buffer, exact to rounding. Same graph arguments as `pamc_loss`.
+    Computed tiled (blocks of 512 rows × 2048 columns on the CPU, 2048 × 8192 on a GPU, online
+    log-sum-exp): O(n·d) memory, no n×n buffer, exact to rounding. Same graph arguments as `pamc_loss`.
     """
     fn = "pairwise_contrastive_loss"
     z = _check_z(z, fn)
     tau = _check_tau(tau, fn)
     _check_reduction(reduction, fn)
     graph = _graph_for(z, edge_index, edge_weight, fn)
-    return _reduce(_pairwise_rows(z, graph, tau, BLOCK_ROWS, BLOCK_COLS), reduction)
+    blocks = (BLOCK_ROWS, BLOCK_COLS) if z.device.type == "cpu" else (CUDA_BLOCK_ROWS, CUDA_BLOCK_COLS)
+    return _reduce(_pairwise_rows(z, graph, tau, *blocks), reduction)
 
 
 def _pairwise_rows(z, graph: PamCGraph, tau: float, block_rows: int, block_cols: int) -> torch.Tensor:
