@@ -652,3 +652,21 @@ def test_cpp_checks_reject_what_python_would(gen):
         ops.pairwise_contrastive(z, g.rowptr, g.col, g.weight, g.colptr, g.trow, g.tedge, 1.0, 0, 4)
     with pytest.raises(RuntimeError, match="z must be float32 or float64, got float16"):
         ops.pamc_positive(z.half(), *[g.rowptr, g.col, g.weight, g.colptr, g.trow, g.tedge], 1.0, 1e-10)
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph(gen):
+    """With a prepared graph and soft assignments the whole loss traces without a graph break."""
+    n = 120
+    ei, w = random_graph(gen, n, 500)
+    graph = lossforge.prepare_graph(ei, n, w.float())
+    z = torch.randn(n, 8, generator=gen, requires_grad=True)
+    q = torch.softmax(torch.randn(n, 4, generator=gen), 1)
+
+    def both(z, q):
+        return lossforge.pamc_loss(z, graph, assignment=q) + lossforge.pairwise_contrastive_loss(z, graph)
+
+    compiled = torch.compile(both, fullgraph=True)
+    a, b = compiled(z, q), both(z, q)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(torch.autograd.grad(a, z)[0], torch.autograd.grad(b, z)[0])
