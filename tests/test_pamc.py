@@ -143,6 +143,29 @@ def test_pamc_matches_authors_sparse_recipe(gen):
     torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-12)
 
 
+def test_ties(gen):
+    """Tied maxima of q go to the first cluster (torch.argmax, as the authors' q.argmax(1)); tied
+    similarities (duplicated embeddings, equal weights) are plain equal terms of the row sums."""
+    n, d = 24, 4
+    ei, w = random_graph(gen, n, 90, self_loops=False)
+    w[:] = 0.5
+    base = torch.randn(3, d, generator=gen, dtype=f64)
+    z = base[torch.randint(0, 3, (n,), generator=gen)].clone()  # many identical rows: s_ij = 1 exactly
+    q = torch.zeros(n, 4, dtype=f64)
+    q[:, 1] = q[:, 2] = 0.4  # a tie between clusters 1 and 2 everywhere ...
+    q[:6, 3] = 0.4  # ... and a three-way tie for the first six nodes
+    q[:, 0] = 0.2
+    expected = oracle_pamc(z, ei, w, torch.ones(n, dtype=torch.long), 1.0)  # everyone in cluster 1
+    got = lossforge.pamc_loss(z, ei, w, assignment=q)
+    assert got.item() == pytest.approx(expected, rel=1e-12)
+    zz, zr = z.clone().requires_grad_(), z.clone().requires_grad_()
+    g = torch.autograd.grad(lossforge.pamc_loss(zz, ei, w, assignment=q, tau=2.0), zz)[0]
+    gr = torch.autograd.grad(ref.pamc_loss_reference(zr, ref.gamma_dense(ei, n, w), q, tau=2.0), zr)[0]
+    torch.testing.assert_close(g, gr, rtol=1e-10, atol=1e-12)
+    p = lossforge.pairwise_contrastive_loss(z, ei, w, tau=2.0)
+    assert p.item() == pytest.approx(oracle_pairwise(z, ei, w, 2.0), rel=1e-12)
+
+
 def test_empty_clusters_are_dropped_where_the_authors_get_nan(gen):
     n, d = 30, 4
     ei, w = random_graph(gen, n, 100)
