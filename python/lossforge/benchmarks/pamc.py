@@ -17,7 +17,6 @@ baseline is skipped, with a note, when the machine does not have the memory it n
 from __future__ import annotations
 
 import functools
-import sys
 import time
 
 import torch
@@ -182,7 +181,6 @@ def cases(device: str, full: bool) -> list[Case]:
         note = ""
         if wanted and not dense:
             note = f"dense n×n baseline skipped: not enough free memory for n={n}"
-            print(f"  pamc: {note}", file=sys.stderr, flush=True)
         out.append(Case(FAMILY, "pamc_loss fwd+bwd", _shape(n, d, k, deg), impls, setup, check=_check_pamc,
                         floor_ms=pamc_floor, note=note))
         if dense and d == 64:
