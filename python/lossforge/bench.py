@@ -155,11 +155,12 @@ def run_case(case: Case, device: str, budget_s: float) -> list[Row]:
     del results
     rows = []
     for name, impl in case.impls.items():
-        call = lambda: impl(*inputs)  # noqa: E731
+        def call(impl=impl):
+            return impl(*inputs)
+
         ms = time_ms(call, device, budget_s)
         mb = peak_extra_mb(call, device)
         rows.append(Row(case.family, case.op, case.shape, name, ms, mb, name == case.ours, case.floor_ms))
-    del inputs
     gc.collect()
     return rows
 
@@ -229,7 +230,7 @@ def format_text(lines: list[list[str]]) -> str:
 
 
 def format_markdown(lines: list[list[str]], machine: str, command: str, notes: list[str] = ()) -> str:
-    md = [f"# lossforge bench", "", f"- machine: {machine}", f"- date: {datetime.date.today()}",
+    md = ["# lossforge bench", "", f"- machine: {machine}", f"- date: {datetime.date.today()}",
           f"- command: `{command}`", "- peak MB: extra memory at the peak of one call (CPU: resident set; "
           "CUDA: allocator)", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     md += ["| " + " | ".join(l) + " |" for l in lines]
