@@ -36,5 +36,28 @@ STABLE_TORCH_LIBRARY(lossforge, m) {
   // ---- M-FAC (csrc/mfac) -----------------------------------------------------------------------
 
   // ---- PamC (csrc/pamc) ------------------------------------------------------------------------
+  // Edge list (row -> col) to CSR and its transpose, by a stable counting sort (CPU; CUDA sorts in torch):
+  // (rowptr [n+1], col sorted by row [E], perm [E]: CSR position -> input edge, colptr [n+1],
+  //  trow [E]: row of each transposed entry, tedge [E]: CSR position of each transposed entry).
+  m.def("pamc_build_csr(Tensor row, Tensor col, int num_nodes) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // (lse_i = log(sum_j Gamma_ij exp(tau cos(z_i, z_j)) + eps) with the self-similarity masked to 0,
+  //  u = z / max(|z|, 1e-12), inv = 1 / max(|z|, 1e-12)); Gamma in CSR. u and inv are saved for the
+  // backward; the transposed list (colptr, trow, tedge) is not read by the forward, only by the backward.
+  m.def(
+      "pamc_positive(Tensor z, Tensor rowptr, Tensor col, Tensor weight, Tensor colptr, Tensor trow, "
+      "Tensor tedge, float tau, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "pamc_positive_backward(Tensor grad, Tensor u, Tensor inv, Tensor rowptr, Tensor col, Tensor weight, "
+      "Tensor colptr, Tensor trow, Tensor tedge, Tensor lse, float tau) -> Tensor");
+  // Meta-nodes: (sums [k, d] = sum of z over the rows of each label, counts [k]).
+  m.def("pamc_segment_sum(Tensor z, Tensor labels, int num_segments) -> (Tensor, Tensor)");
+  // Graph-MLP's exact all-pairs loss per row, -log(P_i / N_i + 1e-8), tiled (never n x n), and
+  // stats [n, 2] = (log P_i, log N_i).
+  m.def(
+      "pairwise_contrastive(Tensor z, Tensor rowptr, Tensor col, Tensor weight, Tensor colptr, Tensor trow, "
+      "Tensor tedge, float tau, int block_rows, int block_cols) -> (Tensor, Tensor)");
+  m.def(
+      "pairwise_contrastive_backward(Tensor grad, Tensor z, Tensor rowptr, Tensor col, Tensor weight, "
+      "Tensor colptr, Tensor trow, Tensor tedge, Tensor stats, float tau, int block_rows, int block_cols) -> Tensor");
 
 }

@@ -29,5 +29,14 @@ from .sliced_wasserstein import (  # noqa: E402,F401
 # M-FAC
 
 # PamC
+from .pamc import (  # noqa: E402
+    PamCGraph,
+    SBMGraph,
+    influence_matrix,
+    pairwise_contrastive_loss,
+    pamc_loss,
+    prepare_graph,
+    stochastic_block_model,
+)
 
 from . import nn, optim  # noqa: E402,F401

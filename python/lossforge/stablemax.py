@@ -248,19 +248,16 @@ def collapse_fraction(logits: torch.Tensor, target: torch.Tensor, loss: str = "s
     """
     fn = "collapse_fraction"
     cdim = _check_ce_args(logits, target, None, dim, ignore_index, "none", 0.0, fn)
-    valid = target != ignore_index
-    safe = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(cdim)
     with torch.no_grad():
+        x = logits.movedim(cdim, -1).reshape(-1, logits.shape[cdim])  # rows of classes
+        t = target.reshape(-1)
+        valid = t != ignore_index
         if loss == "softmax":
-            rows = torch.nn.functional.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none") \
-                if logits.dim() > 1 else torch.nn.functional.cross_entropy(logits, target, reduction="none")
+            rows = torch.nn.functional.cross_entropy(x, t, ignore_index=ignore_index, reduction="none")
         elif loss == "stablemax":
-            x = logits if logits.dim() > 1 else logits.unsqueeze(0)
-            c = cdim if logits.dim() > 1 else 1
             sx = torch.where(x >= 0, x + 1, 1 / (1 - x))
-            s_y = torch.gather(sx, c, safe if logits.dim() > 1 else safe.unsqueeze(0)).squeeze(c)
-            rows = torch.log(sx.sum(c)) - torch.log(s_y)
-            rows = rows if logits.dim() > 1 else rows.squeeze(0)
+            s_y = torch.gather(sx, 1, torch.where(valid, t, torch.zeros_like(t)).unsqueeze(1)).squeeze(1)
+            rows = torch.log(sx.sum(1)) - torch.log(s_y)
         else:
             raise ValueError(f"{fn}: loss must be 'softmax' or 'stablemax', got {loss!r}")
         zero = (rows == 0) & valid
