@@ -147,6 +147,14 @@ def test_raw_op_without_gradient_flags_refuses_backward(gen):
         value.sum().backward()
 
 
+def test_double_backward_is_refused(gen):
+    x, y, _, _ = clouds(1, 6, 6, 2, gen)
+    x.requires_grad_()
+    loss = lossforge.sliced_wasserstein(x, y, projections=rand_proj(2, 3, gen))
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, x, create_graph=True)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Ties, sorting paths, determinism
 

@@ -66,6 +66,10 @@ def _missing(name: str, flag: str):
 
 
 def _backward(ctx, g_value, *_unused):
+    if torch.is_grad_enabled():
+        # The gradients were computed in the forward pass as constants: a graph through them would give a
+        # silently wrong second derivative, so refuse it.
+        raise RuntimeError("lossforge.sliced_wasserstein does not support double backward (create_graph=True)")
     gx, gy, gwx, gwy, gth = ctx.saved_tensors
     grad_points, grad_weights, grad_projections = ctx.flags
     need = ctx.needs_input_grad
