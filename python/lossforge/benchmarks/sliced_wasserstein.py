@@ -173,6 +173,6 @@ def cases(device: str, full: bool) -> list[Case]:
         out += _sw_cases(32, 2048, 3, 1000, device, pot=True)
         out.append(_dsw_case(32, 2048, 3, 100, 50, device))
         return out
-    out = _sw_cases(8, 1024, 3, 100, device, pot=True)
-    out.append(_dsw_case(8, 512, 3, 50, 50, device))
+    out = _sw_cases(4, 1024, 3, 100, device, pot=True)
+    out.append(_dsw_case(4, 512, 3, 50, 50, device))
     return out
