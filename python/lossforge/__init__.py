@@ -14,6 +14,7 @@ from ._ops import build_info  # noqa: E402  (loads the compiled ops first)
 # Betti matching
 
 # M-FAC
+from . import mfac  # noqa: E402,F401  (lossforge.mfac.StaticIHVP, BlockIHVP, SlidingWindowIHVP)
 
 # PamC
 
