@@ -626,6 +626,95 @@ def test_optimizer_bad_input(gen):
         opt.load_state_dict(sd)
 
 
+# ---- every device (the same checks run on CUDA on the GPU machine) --------------------------------
+
+@pytest.mark.parametrize("storage", [torch.float32, torch.float64, torch.bfloat16])
+def test_device_passes(device, storage, gen):
+    A = torch.float64 if storage == torch.float64 else torch.float32
+    tol = 1e-12 if storage == torch.float64 else 1e-5
+    m, d = 37, 5000
+    G = randn(m, d, gen=gen).to(storage).to(device)
+    x, X = randn(d, gen=gen).to(A).to(device), randn(2, d, gen=gen).to(A).to(device)
+    b, B = randn(m, gen=gen).to(A).to(device), randn(2, m, gen=gen).to(A).to(device)
+    Gd = G.double()
+    assert rel(ops.mfac_gemv(G, x), Gd @ x.double()) < tol
+    assert rel(ops.mfac_gemv(G, X), X.double() @ Gd.T) < tol
+    assert rel(ops.mfac_gemv_t(G, b, x, -0.5, 2.0), 2.0 * x.double() - 0.5 * Gd.T @ b.double()) < tol
+    assert rel(ops.mfac_gemv_t(G, B, None, 1.0, 0.0), B.double() @ Gd) < tol
+    g, p = randn(d, gen=gen).to(A).to(device), randn(d, gen=gen).to(A).to(device)
+    t = ops.mfac_insert_gemv_(G, 5, [g[:1000], g[1000:]], [p[:1000], p[1000:]], 0.1)
+    assert torch.equal(G[5], (g + 0.1 * p).to(storage))
+    Gd = G.double()
+    assert rel(t, Gd @ Gd[5]) < tol
+    p0, v = p.clone(), torch.zeros(d, dtype=A, device=device)
+    ops.mfac_step_(G, b, [p[:1000], p[1000:]], [g[:1000], g[1000:]], v, -0.5, 2.0, 0.1, 0.01, 0.9)
+    xs = (g + 0.01 * p0).to(storage).double()
+    assert rel(p, p0.double() - 0.1 * 0.1 * (2.0 * xs - 0.5 * Gd.T @ b.double())) < tol
+
+
+def test_device_chol_replace_oldest(device, gen):
+    n, shift = 40, 0.5
+    rows = randn(n + 1, 9, gen=gen)
+    old = rows[:n] @ rows[:n].T + shift * torch.eye(n, dtype=F64)
+    U = torch.linalg.cholesky(old, upper=True).contiguous().to(device)
+    k = (rows[1:] @ rows[n]).to(device)
+    piv = ops.mfac_chol_replace_oldest_(U, k, shift)
+    K = rows[1:] @ rows[1:].T + shift * torch.eye(n, dtype=F64)
+    assert torch.allclose(U.cpu().T @ U.cpu(), K, atol=1e-11 * K.abs().max().item())
+    assert piv.item() >= shift * (1 - 1e-9)
+
+
+@pytest.mark.parametrize("warmup", ["scaled", "zeros"])
+@pytest.mark.parametrize("storage", [torch.float64, torch.float32, torch.bfloat16])
+def test_device_window_against_deque(device, warmup, storage, gen):
+    d, m, damp = 300, 5, 1e-2
+    dtype = torch.float64 if storage == torch.float64 else torch.float32
+    W = mfac.SlidingWindowIHVP(d, m, damp, dtype, device, storage, warmup=warmup, refactor_every=4)
+    dq = collections.deque(maxlen=m)
+    tol = 100 * EPS[F64] if storage == torch.float64 else 30 * EPS[torch.float32]
+    for step in range(2 * m + 3):
+        g = randn(d, gen=gen)
+        dq.append(g.to(storage).double())
+        y = W.update_mul(g.to(dtype).to(device))
+        assert y.device.type == torch.device(device).type
+        Gd = torch.stack(list(dq))
+        s = len(dq) if warmup == "scaled" else m
+        if warmup == "zeros" and len(dq) < m:
+            Gd = torch.cat([Gd, torch.zeros(m - len(dq), d, dtype=F64)])
+        x = randn(d, gen=gen)
+        k = kappa(Gd, damp, s)
+        assert rel(y.cpu(), ref.dense_ihvp(Gd, dq[-1], damp, scale=s)) < tol * k
+        assert rel(W.mul(x.to(dtype).to(device)).cpu(), ref.dense_ihvp(Gd, x, damp, scale=s)) < tol * k
+
+
+def test_device_optimizer_matches_cpu(device, gen):
+    shapes = [(6, 5), (5,), (3, 3)]
+    init = [randn(*s_, gen=gen) for s_ in shapes]
+    p_cpu = [t.clone().requires_grad_() for t in init]
+    p_dev = [t.clone().to(device).requires_grad_() for t in init]
+    kw = dict(lr=0.05, ngrads=3, damp=1e-2, momentum=0.5, weight_decay=0.01)
+    o_cpu, o_dev = MFAC(p_cpu, **kw), MFAC(p_dev, **kw)
+    for _ in range(5):
+        for p, q in zip(p_cpu, p_dev):
+            grad = randn(*p.shape, gen=gen)
+            p.grad, q.grad = grad.clone(), grad.clone().to(device)
+        o_cpu.step()
+        o_dev.step()
+    for p, q in zip(p_cpu, p_dev):
+        assert torch.allclose(p, q.cpu(), rtol=1e-10, atol=1e-12)
+
+
+def test_device_static_and_opcheck(device, gen):
+    G = randn(6, 700, gen=gen)
+    x = randn(700, gen=gen)
+    S = mfac.StaticIHVP(G.to(device), 1e-3)
+    assert rel(S.mul(x.to(device)).cpu(), ref.dense_ihvp(G, x, 1e-3)) < 100 * EPS[F64] * kappa(G, 1e-3)
+    Gf, xf = G.float().to(device), x.float().to(device)
+    torch.library.opcheck(ops.mfac_gemv.default, (Gf, xf))
+    torch.library.opcheck(ops.mfac_gemv_t.default, (Gf, Gf[:, 0].contiguous(), xf, -1.0, 1.0))
+    torch.library.opcheck(ops.mfac_insert_gemv_.default, (Gf.clone(), 1, [xf], [], 0.0))
+
+
 # ---- torch.distributed (gloo, several CPU processes) -----------------------------------------------
 
 def _distributed_worker(rank, world, init_file, seed):

@@ -15,6 +15,7 @@
 
 #include "common/common.h"
 #include "mfac/mfac.h"
+#include "mfac/mfac_host.h"
 
 namespace lossforge {
 namespace mfac {
@@ -65,81 +66,6 @@ Kernels<S, A> kernels() {
   return {&generic::chunk_dots<S, A>, &generic::chunk_gemv_t<S, A>};
 }
 
-// ---------------------------------------------------------------------------------------------
-// Chunks of the column range: a chunk lies inside one tensor of a list.
-
-struct Chunk {
-  int64_t tensor, start, len, col;
-};
-
-std::vector<Chunk> make_chunks(const std::vector<int64_t>& sizes) {
-  std::vector<Chunk> chunks;
-  int64_t col = 0;
-  for (size_t t = 0; t < sizes.size(); ++t) {
-    for (int64_t s = 0; s < sizes[t]; s += kChunk)
-      chunks.push_back({static_cast<int64_t>(t), s, std::min(kChunk, sizes[t] - s), col + s});
-    col += sizes[t];
-  }
-  return chunks;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Checks (Python validates first with friendlier errors; these keep direct torch.ops calls safe).
-
-ScalarType compute_dtype(ScalarType storage) {
-  return storage == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
-}
-
-ScalarType check_buffer(const Tensor& G, const char* op) {
-  STD_TORCH_CHECK(G.dim() == 2, op, ": G must be 2-D [m, d], got ", G.dim(), "-D");
-  check_device(G, false, op, "G");
-  const ScalarType s = G.scalar_type();
-  STD_TORCH_CHECK(s == ScalarType::Float || s == ScalarType::Double || s == ScalarType::BFloat16, op,
-                  ": G must be float32, float64 or bfloat16, got ", dtype_name(s));
-  STD_TORCH_CHECK(G.size(1) <= 1 || G.stride(1) == 1, op, ": G's rows must be contiguous (stride(1) == 1)");
-  STD_TORCH_CHECK(G.size(0) <= 1 || G.stride(0) >= G.size(1), op, ": G's row stride must be at least d");
-  return compute_dtype(s);
-}
-
-void check_vector_tensor(const Tensor& t, ScalarType want, const char* op, const char* arg) {
-  check_device(t, false, op, arg);
-  check_dtype(t, want, op, arg);
-  check_contiguous(t, op, arg);
-}
-
-// A list of tensors whose sizes add up to d (the parameter list of the optimizer, or one tensor).
-std::vector<int64_t> check_list(const std::vector<Tensor>& xs, ScalarType want, int64_t d, const char* op,
-                                const char* arg) {
-  std::vector<int64_t> sizes;
-  int64_t total = 0;
-  for (const Tensor& t : xs) {
-    check_vector_tensor(t, want, op, arg);
-    sizes.push_back(t.numel());
-    total += t.numel();
-  }
-  STD_TORCH_CHECK(total == d, op, ": the tensors of ", arg, " have ", total, " elements in all, expected d = ", d);
-  return sizes;
-}
-
-void check_params_like(const std::vector<Tensor>& ps, const std::vector<int64_t>& sizes, ScalarType want,
-                       const char* op, const char* arg) {
-  STD_TORCH_CHECK(ps.size() == sizes.size(), op, ": ", arg, " must have one tensor per gradient (", sizes.size(),
-                  "), got ", ps.size());
-  for (size_t t = 0; t < ps.size(); ++t) {
-    check_vector_tensor(ps[t], want, op, arg);
-    STD_TORCH_CHECK(ps[t].numel() == sizes[t], op, ": ", arg, "[", t, "] has ", ps[t].numel(),
-                    " elements, expected ", sizes[t]);
-  }
-}
-
-// [V, d] or [d] -> (V, is_batched)
-int64_t vector_count(const Tensor& x, int64_t d, const char* op, const char* arg) {
-  STD_TORCH_CHECK(x.dim() == 1 || x.dim() == 2, op, ": ", arg, " must be [d] or [k, d], got ", x.dim(), "-D");
-  STD_TORCH_CHECK(x.size(x.dim() - 1) == d, op, ": ", arg, " must have d = ", d, " columns, got ",
-                  x.size(x.dim() - 1));
-  return x.dim() == 2 ? x.size(0) : 1;
-}
-
 template <typename F>
 void dispatch_storage(ScalarType s, F&& f) {
   switch (s) {
@@ -166,9 +92,9 @@ void reduce_chunks(const std::vector<double>& part, int64_t nchunks, int64_t W, 
 // t = G x for x [d] or [V, d] (compute dtype); t [m] or [V, m].
 Tensor mfac_gemv_cpu(Tensor G, Tensor x) {
   const char* op = "mfac_gemv";
-  const ScalarType A_t = check_buffer(G, op);
+  const ScalarType A_t = check_buffer(G, false, op);
   const int64_t m = G.size(0), d = G.size(1);
-  check_vector_tensor(x, A_t, op, "x");
+  check_vector_tensor(x, false, A_t, op, "x");
   const int64_t V = vector_count(x, d, op, "x");
   std::vector<int64_t> shape;
   if (x.dim() == 2) shape.push_back(V);
@@ -205,12 +131,12 @@ Tensor mfac_gemv_cpu(Tensor G, Tensor x) {
 // y = beta x + alpha G^T b for b [m] or [V, m]; x (optional) like y: [d] or [V, d].
 Tensor mfac_gemv_t_cpu(Tensor G, Tensor b, std::optional<Tensor> x, double alpha, double beta) {
   const char* op = "mfac_gemv_t";
-  const ScalarType A_t = check_buffer(G, op);
+  const ScalarType A_t = check_buffer(G, false, op);
   const int64_t m = G.size(0), d = G.size(1);
-  check_vector_tensor(b, A_t, op, "b");
+  check_vector_tensor(b, false, A_t, op, "b");
   const int64_t V = vector_count(b, m, op, "b");
   if (x.has_value()) {
-    check_vector_tensor(*x, A_t, op, "x");
+    check_vector_tensor(*x, false, A_t, op, "x");
     STD_TORCH_CHECK(x->dim() == b.dim() && vector_count(*x, d, op, "x") == V, op,
                     ": x must be [d] or [k, d] matching b's [m] or [k, m]");
   }
@@ -258,12 +184,12 @@ Tensor mfac_gemv_t_cpu(Tensor G, Tensor b, std::optional<Tensor> x, double alpha
 Tensor mfac_insert_gemv_cpu(Tensor G, int64_t row, std::vector<Tensor> grads, std::vector<Tensor> params,
                             double weight_decay) {
   const char* op = "mfac_insert_gemv_";
-  const ScalarType A_t = check_buffer(G, op);
+  const ScalarType A_t = check_buffer(G, false, op);
   const int64_t m = G.size(0), d = G.size(1);
   STD_TORCH_CHECK(row >= 0 && row < m, op, ": row ", row, " is out of range for a buffer of m = ", m, " rows");
-  const std::vector<int64_t> sizes = check_list(grads, A_t, d, op, "grads");
+  const std::vector<int64_t> sizes = check_list(grads, false, A_t, d, op, "grads");
   const bool wd = !params.empty();
-  if (wd) check_params_like(params, sizes, A_t, op, "params");
+  if (wd) check_params_like(params, sizes, false, A_t, op, "params");
   Tensor out = torch::stable::new_empty(G, {m}, ScalarType::Double);
   const std::vector<Chunk> chunks = make_chunks(sizes);
   const int64_t nchunks = static_cast<int64_t>(chunks.size());
@@ -313,18 +239,18 @@ void mfac_step_cpu(Tensor G, Tensor b, std::vector<Tensor> params, std::vector<T
                    std::optional<Tensor> momentum_buffer, double alpha, double beta, double lr,
                    double weight_decay, double momentum) {
   const char* op = "mfac_step_";
-  const ScalarType A_t = check_buffer(G, op);
+  const ScalarType A_t = check_buffer(G, false, op);
   const int64_t m = G.size(0), d = G.size(1);
-  check_vector_tensor(b, A_t, op, "b");
+  check_vector_tensor(b, false, A_t, op, "b");
   STD_TORCH_CHECK(b.dim() == 1 && b.size(0) == m, op, ": b must have shape [m] = [", m, "]");
-  const std::vector<int64_t> sizes = check_list(grads, A_t, d, op, "grads");
-  check_params_like(params, sizes, A_t, op, "params");
+  const std::vector<int64_t> sizes = check_list(grads, false, A_t, d, op, "grads");
+  check_params_like(params, sizes, false, A_t, op, "params");
   STD_TORCH_CHECK(momentum >= 0.0 && momentum < 1.0, op, ": momentum must be in [0, 1), got ", momentum);
   if (momentum > 0.0) {
     STD_TORCH_CHECK(momentum_buffer.has_value(), op, ": momentum > 0 needs a momentum_buffer");
   }
   if (momentum_buffer.has_value()) {
-    check_vector_tensor(*momentum_buffer, A_t, op, "momentum_buffer");
+    check_vector_tensor(*momentum_buffer, false, A_t, op, "momentum_buffer");
     STD_TORCH_CHECK(momentum_buffer->numel() == d, op, ": momentum_buffer must have d = ", d, " elements");
   }
   const std::vector<Chunk> chunks = make_chunks(sizes);

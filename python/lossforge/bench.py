@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-FAMILIES = ("stablemax",)
+FAMILIES = ("stablemax", "mfac")
 
 
 @dataclasses.dataclass
