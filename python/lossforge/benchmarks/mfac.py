@@ -23,8 +23,16 @@ from lossforge.reference import mfac as ref
 
 FAMILY = "mfac"
 DAMP = 1e-6  # the paper's BERT fine-tuning setting
-_MEMORY_CAP = 9e9  # bytes of buffers one case may allocate (the CPU machine has 23 GB, shared): --full
+_CPU_MEMORY_CAP = 9e9  # bytes of buffers one case may allocate (the CPU machine has 23 GB, shared): --full
 # skips d = 4M at m = 1024 (34 GB for our buffer and the baseline's)
+
+
+def _fits(nbytes: float, device: str) -> bool:
+    """Whether our buffer plus the baseline's fit: 85% of the GPU's memory (an H100 cannot hold two
+    float32 buffers of d = 10M, m = 1024, 80 GB; an H200 can), or the CPU cap."""
+    if device.startswith("cuda"):
+        return nbytes < 0.85 * torch.cuda.get_device_properties(torch.device(device)).total_memory
+    return nbytes < _CPU_MEMORY_CAP
 
 
 def _gb(x: float) -> str:
@@ -85,7 +93,7 @@ def _check_close(ours_name="lossforge", other="official algorithm (torch)", rtol
 
 def _ihvp_case(d: int, m: int, storage: torch.dtype, device: str) -> Case | None:
     s = 2 if storage == torch.bfloat16 else 4
-    if m * d * (s + 4) > _MEMORY_CAP:  # ours + the float32 baseline's buffer
+    if not _fits(m * d * (s + 4), device):  # ours + the float32 baseline's buffer
         return None
     bytes_moved = (2 * m + 1) * d * s + 8 * d
 
@@ -113,7 +121,7 @@ def _ihvp_case(d: int, m: int, storage: torch.dtype, device: str) -> Case | None
 
 def _step_case(d: int, m: int, storage: torch.dtype, device: str) -> Case | None:
     s = 2 if storage == torch.bfloat16 else 4
-    if m * d * (s + 4) > _MEMORY_CAP:
+    if not _fits(m * d * (s + 4), device):
         return None
     bytes_moved = (2 * m + 1) * d * s + 24 * d
     lr, momentum, wd = 1e-4, 0.9, 1e-5
