@@ -12,6 +12,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <vector>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "common/common.h"
 #include "mfac/mfac.h"
@@ -34,9 +37,11 @@ namespace generic {
 #define LF_MFAC_AVX2 1
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
+#define LF_MFAC_KERNELS_AVX2 1
 namespace avx2 {
 #include "mfac/mfac_cpu_kernels.h"
 }  // namespace avx2
+#undef LF_MFAC_KERNELS_AVX2
 #pragma GCC pop_options
 #endif
 #pragma GCC diagnostic pop
