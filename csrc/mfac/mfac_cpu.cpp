@@ -25,7 +25,8 @@ namespace mfac {
 namespace {
 
 // ---------------------------------------------------------------------------------------------
-// Inner loops (mfac_cpu_kernels.h), compiled for generic x86-64 and for AVX2+FMA, chosen at run time.
+// Inner loops (mfac_cpu_kernels.h), compiled for generic x86-64 and for AVX2, chosen at run time. Both give
+// the same bits: same lanes, same order of operations, and no FMA contraction (mul and add stay apart).
 // LOSSFORGE_MFAC_CPU_KERNELS=generic forces the generic ones (tests use it to cover both).
 
 #pragma GCC diagnostic push
@@ -36,7 +37,7 @@ namespace generic {
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define LF_MFAC_AVX2 1
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2")  // no FMA: the same roundings as the generic build (bitwise the same results)
 #define LF_MFAC_KERNELS_AVX2 1
 namespace avx2 {
 #include "mfac/mfac_cpu_kernels.h"
@@ -50,11 +51,13 @@ template <typename S, typename A>
 struct Kernels {
   void (*dots)(const S*, int64_t, int64_t, int64_t, const A*, int64_t, double*);
   void (*gemv_t)(const S*, int64_t, int64_t, int64_t, const A*, A*);
+  void (*insert)(int64_t, const A*, const A*, A, S*, A*);
+  void (*step)(int64_t, const A*, const A*, A*, A*, A, A, A, A, A);
 };
 
 inline bool use_avx2() {
 #if defined(LF_MFAC_AVX2)
-  static const bool cpu = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool cpu = __builtin_cpu_supports("avx2");
   const char* env = std::getenv("LOSSFORGE_MFAC_CPU_KERNELS");
   if (env != nullptr && std::strcmp(env, "generic") == 0) return false;
   return cpu;
@@ -66,9 +69,11 @@ inline bool use_avx2() {
 template <typename S, typename A>
 Kernels<S, A> kernels() {
 #if defined(LF_MFAC_AVX2)
-  if (use_avx2()) return {&avx2::chunk_dots<S, A>, &avx2::chunk_gemv_t<S, A>};
+  if (use_avx2())
+    return {&avx2::chunk_dots<S, A>, &avx2::chunk_gemv_t<S, A>, &avx2::chunk_insert<S, A>, &avx2::chunk_step<S, A>};
 #endif
-  return {&generic::chunk_dots<S, A>, &generic::chunk_gemv_t<S, A>};
+  return {&generic::chunk_dots<S, A>, &generic::chunk_gemv_t<S, A>, &generic::chunk_insert<S, A>,
+          &generic::chunk_step<S, A>};
 }
 
 template <typename F>
@@ -217,19 +222,9 @@ Tensor mfac_insert_gemv_cpu(Tensor G, int64_t row, std::vector<Tensor> grads, st
       std::vector<A> xb(kChunk);
       for (int64_t c = c0; c < c1; ++c) {
         const Chunk& ch = chunks[c];
-        const A* gr = gp[ch.tensor] + ch.start;
         A* xs = xb.data();
-        S* dst = g + row * ld + ch.col;
-        if (wd) {
-          const A* pr = pp[ch.tensor] + ch.start;
-          for (int64_t j = 0; j < ch.len; ++j) xs[j] = gr[j] + lam * pr[j];
-        } else {
-          std::copy_n(gr, ch.len, xs);
-        }
-        for (int64_t j = 0; j < ch.len; ++j) {
-          dst[j] = store_value(xs[j], dst);
-          xs[j] = static_cast<A>(load(dst[j]));
-        }
+        k.insert(ch.len, gp[ch.tensor] + ch.start, wd ? pp[ch.tensor] + ch.start : nullptr, lam,
+                 g + row * ld + ch.col, xs);
         k.dots(g + ch.col, ld, m, ch.len, xs, 1, part.data() + c * m);
       }
     });
@@ -280,20 +275,8 @@ void mfac_step_cpu(Tensor G, Tensor b, std::vector<Tensor> params, std::vector<T
       for (int64_t c = c0; c < c1; ++c) {
         const Chunk& ch = chunks[c];
         k.gemv_t(g + ch.col, ld, m, ch.len, bp, acc.data());
-        const A* gr = gp[ch.tensor] + ch.start;
-        A* p = pp[ch.tensor] + ch.start;
-        const S* tag_s = nullptr;
-        if (vp) {
-          A* v = vp + ch.col;
-          for (int64_t j = 0; j < ch.len; ++j) {
-            const A y = be * stored(gr[j] + wd * p[j], tag_s) + a * acc[j];
-            const A nv = mu * v[j] + (A(1) - mu) * y;
-            v[j] = nv;
-            p[j] -= lr_ * nv;
-          }
-        } else {
-          for (int64_t j = 0; j < ch.len; ++j) p[j] -= lr_ * (be * stored(gr[j] + wd * p[j], tag_s) + a * acc[j]);
-        }
+        k.step(ch.len, acc.data(), gp[ch.tensor] + ch.start, pp[ch.tensor] + ch.start, vp ? vp + ch.col : nullptr,
+               a, be, lr_, wd, mu);
       }
     });
   });

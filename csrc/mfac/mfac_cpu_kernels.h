@@ -1,5 +1,5 @@
 // M-FAC CPU inner loops, included twice by mfac_cpu.cpp: once for generic x86-64 (SSE2) and once
-// under `#pragma GCC target("avx2,fma")`, picked at run time by CPU feature (no -march flags in
+// under `#pragma GCC target("avx2")`, picked at run time by CPU feature (no -march flags in
 // anything that ships). No include guard on purpose; no #include here (the includer provides them).
 //
 // S is the storage type (float, double, uint16_t = bfloat16 bits), A the compute type. GCC/Clang
@@ -168,5 +168,41 @@ void chunk_gemv_t(const S* G, int64_t ld, int64_t m, int64_t n, const A* b, A* _
     int64_t j = 0;
     for (; j + L <= n; j += L) vstore(acc + j, vload(acc + j) + c * vload(g + j));
     for (; j < n; ++j) acc[j] += c * static_cast<A>(load(g[j]));
+  }
+}
+
+// Pass 1 prologue over one chunk of a step: xs = grad + wd * p (p may be null), written into G's row as
+// the storage type, and xs replaced by the stored values (what pass 1 multiplies).
+template <typename S, typename A>
+void chunk_insert(int64_t n, const A* __restrict gr, const A* __restrict pr, A wd, S* __restrict dst,
+                  A* __restrict xs) {
+  if (pr != nullptr) {
+    for (int64_t j = 0; j < n; ++j) xs[j] = gr[j] + wd * pr[j];
+  } else {
+    for (int64_t j = 0; j < n; ++j) xs[j] = gr[j];
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const S sv = store_value(xs[j], dst);
+    dst[j] = sv;
+    xs[j] = static_cast<A>(load(sv));
+  }
+}
+
+// Pass 2 epilogue over one chunk of a step: y = beta * stored(grad + wd * p) + alpha * acc, then the
+// momentum (v may be null: no momentum) and the parameter update.
+template <typename S, typename A>
+void chunk_step(int64_t n, const A* __restrict acc, const A* __restrict gr, A* __restrict p, A* __restrict v,
+                A alpha, A beta, A lr, A wd, A mu) {
+  const S* tag = nullptr;
+  if (v != nullptr) {
+    const A one_mu = A(1) - mu;
+    for (int64_t j = 0; j < n; ++j) {
+      const A y = beta * stored(gr[j] + wd * p[j], tag) + alpha * acc[j];
+      const A nv = mu * v[j] + one_mu * y;
+      v[j] = nv;
+      p[j] -= lr * nv;
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) p[j] -= lr * (beta * stored(gr[j] + wd * p[j], tag) + alpha * acc[j]);
   }
 }
