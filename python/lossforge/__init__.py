@@ -27,6 +27,7 @@ from .sliced_wasserstein import (  # noqa: E402,F401
 # Betti matching
 
 # M-FAC
+from . import mfac  # noqa: E402,F401  (lossforge.mfac.StaticIHVP, BlockIHVP, SlidingWindowIHVP)
 
 # PamC
 from .pamc import (  # noqa: E402
