@@ -117,11 +117,15 @@ void ce_forward_rows(const T* x, const int64_t* target, const typename Acc<T>::t
     const T* xr = x + L.base(r);
     // The non-target sum is kept apart from s(x_y): log S - log s_y = log1p(S_-y / s_y) keeps the
     // loss of confident rows, which log(S) - log(s_y) would round to exactly 0 in float32.
+    // One masked loop rather than two around y (rows of ~10 classes, as in HRM, are common); 32-bit
+    // indices so that the mask is one SSE2 compare.
     A S_other = 0;
+    const int32_t V32 = static_cast<int32_t>(V), y32 = static_cast<int32_t>(y);
     LF_SIMD_SUM(S_other)
-    for (int64_t c = 0; c < y; ++c) S_other += s<A>(static_cast<A>(xr[c * st]));
-    LF_SIMD_SUM(S_other)
-    for (int64_t c = y + 1; c < V; ++c) S_other += s<A>(static_cast<A>(xr[c * st]));
+    for (int32_t c = 0; c < V32; ++c) {
+      const A sc = s<A>(static_cast<A>(xr[c * st]));
+      S_other += c != y32 ? sc : A(0);
+    }
     const A sy = s<A>(static_cast<A>(xr[y * st]));
     A S = sy + S_other;
     if (std::isinf(S)) S_other = S = NAN;  // a +inf logit: NaN loss and gradient, as with softmax
