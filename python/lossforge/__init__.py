@@ -12,6 +12,15 @@ from ._ops import build_info  # noqa: E402  (loads the compiled ops first)
 # Sliced Wasserstein
 
 # Betti matching
+from .betti_matching import (  # noqa: E402,F401
+    BettiMatchingResult,
+    PersistenceBarcode,
+    betti_matching,
+    betti_matching_error,
+    betti_matching_loss,
+    betti_number_error,
+    persistence_barcode,
+)
 
 # M-FAC
 
