@@ -14,6 +14,12 @@ namespace {
 
 constexpr const char* kCE = "stablemax_cross_entropy";
 
+// Vectorised sum over a loop (float addition is not associative, so the compiler needs leave to
+// reorder it; -fopenmp-simd gives that leave per loop without an OpenMP runtime).
+#define LF_PRAGMA(x) _Pragma(#x)
+#define LF_SIMD_SUM(var) LF_PRAGMA(omp simd reduction(+ : var))
+#define LF_SIMD _Pragma("omp simd")
+
 // Rows per task: enough elements that a task amortises the pool's overhead.
 int64_t grain(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
 
@@ -33,12 +39,15 @@ void stablemax_rows(const T* x, T* out, RowLayout L, int64_t r0, int64_t r1, boo
     const T* xr = x + L.base(r);
     T* o = out + L.base(r);
     A S = 0;
+    LF_SIMD_SUM(S)
     for (int64_t c = 0; c < V; ++c) S += s<A>(static_cast<A>(xr[c * st]));
+    if (std::isinf(S)) S = NAN;  // a +inf logit: the whole row is NaN, as with softmax
     if (log) {
       const A logS = std::log(S);
       for (int64_t c = 0; c < V; ++c) o[c * st] = static_cast<T>(log_s<A>(static_cast<A>(xr[c * st])) - logS);
     } else {
       const A inv = A(1) / S;
+      LF_SIMD
       for (int64_t c = 0; c < V; ++c) o[c * st] = static_cast<T>(s<A>(static_cast<A>(xr[c * st])) * inv);
     }
   }
@@ -57,13 +66,16 @@ void stablemax_backward_rows(const T* g, const T* x, const T* out, T* gx, RowLay
     T* o = gx + b;
     A dot = 0;
     if (log) {
+      LF_SIMD_SUM(dot)
       for (int64_t c = 0; c < V; ++c) dot += static_cast<A>(gr[c * st]);
       for (int64_t c = 0; c < V; ++c) {
         const A p = std::exp(static_cast<A>(yr[c * st]));
         o[c * st] = static_cast<T>(h<A>(static_cast<A>(xr[c * st])) * (static_cast<A>(gr[c * st]) - p * dot));
       }
     } else {
+      LF_SIMD_SUM(dot)
       for (int64_t c = 0; c < V; ++c) dot += static_cast<A>(gr[c * st]) * static_cast<A>(yr[c * st]);
+      LF_SIMD
       for (int64_t c = 0; c < V; ++c) {
         const A p = static_cast<A>(yr[c * st]);
         o[c * st] = static_cast<T>(h<A>(static_cast<A>(xr[c * st])) * p * (static_cast<A>(gr[c * st]) - dot));
@@ -106,10 +118,13 @@ void ce_forward_rows(const T* x, const int64_t* target, const typename Acc<T>::t
     // The non-target sum is kept apart from s(x_y): log S - log s_y = log1p(S_-y / s_y) keeps the
     // loss of confident rows, which log(S) - log(s_y) would round to exactly 0 in float32.
     A S_other = 0;
+    LF_SIMD_SUM(S_other)
     for (int64_t c = 0; c < y; ++c) S_other += s<A>(static_cast<A>(xr[c * st]));
+    LF_SIMD_SUM(S_other)
     for (int64_t c = y + 1; c < V; ++c) S_other += s<A>(static_cast<A>(xr[c * st]));
     const A sy = s<A>(static_cast<A>(xr[y * st]));
-    const A S = sy + S_other;
+    A S = sy + S_other;
+    if (std::isinf(S)) S_other = S = NAN;  // a +inf logit: NaN loss and gradient, as with softmax
     const A wy = weight ? weight[y] : A(1);
     A l = A(1 - eps) * wy * std::log1p(S_other / sy);
     if (eps > 0) {
@@ -117,8 +132,10 @@ void ce_forward_rows(const T* x, const int64_t* target, const typename Acc<T>::t
       const A logS = std::log(S);
       A smooth = 0;
       if (weight) {
+        LF_SIMD_SUM(smooth)
         for (int64_t c = 0; c < V; ++c) smooth += weight[c] * (logS - log_s<A>(static_cast<A>(xr[c * st])));
       } else {
+        LF_SIMD_SUM(smooth)
         for (int64_t c = 0; c < V; ++c) smooth += logS - log_s<A>(static_cast<A>(xr[c * st]));
       }
       l += A(eps / V) * smooth;
@@ -155,16 +172,21 @@ void ce_backward_rows(const typename Acc<T>::type* grad_rows, bool grad_scalar, 
     const A g = grad_rows[grad_scalar ? 0 : r];
     const A S_other = sr[0], invS = A(1) / sr[1], coef_t = A(1 - eps) * sr[2];
     if (weight) {
+      LF_SIMD
       for (int64_t c = 0; c < V; ++c) {
-        const A xc = static_cast<A>(xr[c * st]);
-        const A p = s<A>(xc) * invS;
-        o[c * st] = static_cast<T>(g * h<A>(xc) * (coef_t * p + coef_s * (p * W - weight[c])));
+        A sc, hc;
+        s_and_h<A>(static_cast<A>(xr[c * st]), sc, hc);
+        const A p = sc * invS;
+        o[c * st] = static_cast<T>(g * hc * (coef_t * p + coef_s * (p * W - weight[c])));
       }
     } else {
+      // without class weights W = V and w_c = 1: d = p (coef_t + eps) - eps / V
+      const A a = coef_t + coef_s * W, b = coef_s;
+      LF_SIMD
       for (int64_t c = 0; c < V; ++c) {
-        const A xc = static_cast<A>(xr[c * st]);
-        const A p = s<A>(xc) * invS;
-        o[c * st] = static_cast<T>(g * h<A>(xc) * (coef_t * p + coef_s * (p * W - A(1))));
+        A sc, hc;
+        s_and_h<A>(static_cast<A>(xr[c * st]), sc, hc);
+        o[c * st] = static_cast<T>(g * hc * (a * sc * invS - b));
       }
     }
     const A xy = static_cast<A>(xr[y * st]);
@@ -172,34 +194,6 @@ void ce_backward_rows(const typename Acc<T>::type* grad_rows, bool grad_scalar, 
     const A wy = weight ? weight[y] : A(1);
     o[y * st] = static_cast<T>(g * h<A>(xy) * (-coef_t * S_other * invS + coef_s * (py * W - wy)));
   }
-}
-
-void check_input(const Tensor& x, const char* op, const char* arg) {
-  check_floating(x, op, arg);
-  check_device(x, false, op, arg);
-  check_contiguous(x, op, arg);
-}
-
-ScalarType acc_dtype(ScalarType t) { return t == ScalarType::Double ? ScalarType::Double : ScalarType::Float; }
-
-// Checks target against input [.., V (at dim), ..] and returns the row layout.
-DimSplit check_ce_args(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
-                       int64_t dim, const char* op) {
-  check_input(input, op, "input");
-  check_device(target, false, op, "target");
-  check_dtype(target, ScalarType::Long, op, "target");
-  check_contiguous(target, op, "target");
-  const DimSplit d = split_at_dim(input, dim, op);
-  STD_TORCH_CHECK(target.numel() == d.rows(), op, ": target has ", target.numel(), " elements, expected ",
-                  d.rows(), " (input's shape without the class dimension)");
-  if (weight.has_value()) {
-    check_device(*weight, false, op, "weight");
-    check_dtype(*weight, acc_dtype(input.scalar_type()), op, "weight");
-    check_contiguous(*weight, op, "weight");
-    STD_TORCH_CHECK(weight->dim() == 1 && weight->size(0) == d.size, op, ": weight must have shape [",
-                    d.size, "] (one entry per class)");
-  }
-  return d;
 }
 
 void raise_bad_target(const BadTarget& bad, const Tensor& target, int64_t V, int64_t ignore_index) {
@@ -210,7 +204,7 @@ void raise_bad_target(const BadTarget& bad, const Tensor& target, int64_t V, int
 }
 
 Tensor stablemax_cpu(Tensor x, int64_t dim, bool log) {
-  check_input(x, "stablemax", "x");
+  check_input(x, false, "stablemax", "x");
   const DimSplit d = split_at_dim(x, dim, "stablemax");
   Tensor out = torch::stable::empty_like(x);
   if (x.numel() == 0) return out;
@@ -229,13 +223,7 @@ Tensor stablemax_cpu(Tensor x, int64_t dim, bool log) {
 
 Tensor stablemax_backward_cpu(Tensor grad, Tensor x, Tensor out, int64_t dim, bool log) {
   const char* op = "stablemax_backward";
-  check_input(x, op, "x");
-  check_input(grad, op, "grad");
-  check_input(out, op, "out");
-  STD_TORCH_CHECK(grad.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type(), op,
-                  ": grad, x and out must have the same dtype");
-  STD_TORCH_CHECK(grad.numel() == x.numel() && out.numel() == x.numel(), op,
-                  ": grad, x and out must have the same shape");
+  check_stablemax_backward_args(grad, x, out, false, op);
   const DimSplit d = split_at_dim(x, dim, op);
   Tensor gx = torch::stable::empty_like(x);
   if (x.numel() == 0) return gx;
@@ -255,14 +243,11 @@ Tensor stablemax_backward_cpu(Tensor grad, Tensor x, Tensor out, int64_t dim, bo
 
 std::tuple<Tensor, Tensor> stablemax_cross_entropy_cpu(Tensor input, Tensor target, std::optional<Tensor> weight,
                                                        int64_t dim, int64_t ignore_index, double label_smoothing) {
-  const DimSplit d = check_ce_args(input, target, weight, dim, kCE);
+  const DimSplit d = check_ce_args(input, target, weight, dim, false, kCE);
   STD_TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, kCE,
                   ": label_smoothing must be in [0, 1], got ", label_smoothing);
-  const ScalarType acc = acc_dtype(input.scalar_type());
-  Tensor loss = torch::stable::new_empty(input, target.sizes(), acc);
-  std::vector<int64_t> stats_shape(target.sizes().begin(), target.sizes().end());
-  stats_shape.push_back(3);
-  Tensor stats = torch::stable::new_empty(input, stats_shape, acc);
+  Tensor loss, stats;
+  std::tie(loss, stats) = new_ce_outputs(input, target);
   if (d.rows() == 0) return {loss, stats};
   STD_TORCH_CHECK(d.size > 0, kCE, ": input has no classes (size 0 at the class dimension)");
   const RowLayout L{d.size, d.inner};
@@ -289,17 +274,8 @@ Tensor stablemax_cross_entropy_backward_cpu(Tensor grad_rows, Tensor input, Tens
                                             std::optional<Tensor> weight, Tensor stats, int64_t dim,
                                             int64_t ignore_index, double label_smoothing) {
   const char* op = "stablemax_cross_entropy_backward";
-  const DimSplit d = check_ce_args(input, target, weight, dim, op);
-  const ScalarType acc = acc_dtype(input.scalar_type());
-  check_device(grad_rows, false, op, "grad_rows");
-  check_dtype(grad_rows, acc, op, "grad_rows");
-  check_contiguous(grad_rows, op, "grad_rows");
-  STD_TORCH_CHECK(grad_rows.numel() == 1 || grad_rows.numel() == d.rows(), op,
-                  ": grad_rows must have one element or one per row");
-  check_device(stats, false, op, "stats");
-  check_dtype(stats, acc, op, "stats");
-  check_contiguous(stats, op, "stats");
-  STD_TORCH_CHECK(stats.numel() == 3 * d.rows(), op, ": stats must have shape target.shape + [3]");
+  const DimSplit d = check_ce_args(input, target, weight, dim, false, op);
+  check_ce_backward_args(grad_rows, stats, input, d, op);
   Tensor gx = torch::stable::empty_like(input);
   if (input.numel() == 0) return gx;
   const RowLayout L{d.size, d.inner};
@@ -333,10 +309,7 @@ Tensor stablemax_cross_entropy_backward_cpu(Tensor grad_rows, Tensor input, Tens
 // count); pass 2 writes the rescaled orthogonal component in place.
 void orthograd_cpu(Tensor grad, Tensor param) {
   const char* op = "orthograd_";
-  check_input(grad, op, "grad");
-  check_input(param, op, "param");
-  STD_TORCH_CHECK(grad.scalar_type() == param.scalar_type(), op, ": grad and param must have the same dtype");
-  STD_TORCH_CHECK(grad.numel() == param.numel(), op, ": grad and param must have the same number of elements");
+  check_orthograd_args(grad, param, false);
   const int64_t n = grad.numel();
   if (n == 0) return;
   constexpr int64_t kChunk = 1 << 16;

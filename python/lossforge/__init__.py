@@ -8,6 +8,13 @@ __version__ = "0.1.0"
 from ._ops import build_info  # noqa: E402  (loads the compiled ops first)
 
 # StableMax
+from .stablemax import (  # noqa: E402
+    collapse_fraction,
+    fused_linear_stablemax_cross_entropy,
+    log_stablemax,
+    stablemax,
+    stablemax_cross_entropy,
+)
 
 # Sliced Wasserstein
 

@@ -1,0 +1,365 @@
+// StableMax CUDA kernels. A group of G threads owns one row: G in {1, 2, ..., 32} threads of a warp
+// for small and medium V (many rows per warp when V is ~10, as in HRM), the whole block (256 threads)
+// for large V. Strided rows ([N, C, d1, ...]) use G = 1 so that neighbouring threads read neighbouring
+// addresses. Reductions are fixed-order (deterministic) shuffles and shared memory.
+#include "common/cuda_utils.cuh"
+#include "stablemax/stablemax.h"
+
+namespace lossforge {
+namespace stablemax {
+namespace {
+
+constexpr int kBlock = 256;
+
+// Sum over the G threads of a row: a warp slice (G <= 32) or the whole block (G == kBlock).
+template <int G, typename A>
+__device__ __forceinline__ A group_sum(A v) {
+  if constexpr (G <= 32) {
+#pragma unroll
+    for (int off = G / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+    return v;
+  } else {
+    __shared__ A warp_sums[G / 32];
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+    __syncthreads();  // a previous call's readers are done with warp_sums
+    if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = v;
+    __syncthreads();
+    A total = 0;
+#pragma unroll
+    for (int w = 0; w < G / 32; ++w) total += warp_sums[w];
+    return total;
+  }
+}
+
+// Row index and lane of this thread; rows past the end still take part in the group's shuffles.
+template <int G>
+__device__ __forceinline__ void row_and_lane(int64_t& row, int& lane) {
+  if constexpr (G <= 32) {
+    row = (int64_t)blockIdx.x * (kBlock / G) + threadIdx.x / G;
+    lane = threadIdx.x % G;
+  } else {
+    row = blockIdx.x;
+    lane = threadIdx.x;
+  }
+}
+
+template <int G, typename T>
+__global__ void stablemax_kernel(const T* __restrict__ x, T* __restrict__ out, RowLayout L, int64_t rows,
+                                 bool log) {
+  using A = typename Acc<T>::type;
+  int64_t r;
+  int lane;
+  row_and_lane<G>(r, lane);
+  const bool active = r < rows;
+  const int64_t b = active ? L.base(r) : 0, st = L.inner, V = active ? L.V : 0;
+  A S = 0;
+  for (int64_t c = lane; c < V; c += G) S += s<A>(static_cast<A>(x[b + c * st]));
+  S = group_sum<G>(S);
+  if (!active) return;
+  if (::isinf(S)) S = A(NAN);  // a +inf logit: the whole row is NaN, as with softmax
+  if (log) {
+    const A logS = ::log(S);
+    for (int64_t c = lane; c < V; c += G) out[b + c * st] = static_cast<T>(log_s<A>(static_cast<A>(x[b + c * st])) - logS);
+  } else {
+    const A inv = A(1) / S;
+    for (int64_t c = lane; c < V; c += G) out[b + c * st] = static_cast<T>(s<A>(static_cast<A>(x[b + c * st])) * inv);
+  }
+}
+
+template <int G, typename T>
+__global__ void stablemax_backward_kernel(const T* __restrict__ g, const T* __restrict__ x,
+                                          const T* __restrict__ out, T* __restrict__ gx, RowLayout L,
+                                          int64_t rows, bool log) {
+  using A = typename Acc<T>::type;
+  int64_t r;
+  int lane;
+  row_and_lane<G>(r, lane);
+  const bool active = r < rows;
+  const int64_t b = active ? L.base(r) : 0, st = L.inner, V = active ? L.V : 0;
+  A dot = 0;
+  for (int64_t c = lane; c < V; c += G) {
+    const A gc = static_cast<A>(g[b + c * st]);
+    dot += log ? gc : gc * static_cast<A>(out[b + c * st]);
+  }
+  dot = group_sum<G>(dot);
+  if (!active) return;
+  for (int64_t c = lane; c < V; c += G) {
+    const int64_t i = b + c * st;
+    const A xc = static_cast<A>(x[i]), gc = static_cast<A>(g[i]), yc = static_cast<A>(out[i]);
+    gx[i] = static_cast<T>(log ? h<A>(xc) * (gc - ::exp(yc) * dot) : h<A>(xc) * yc * (gc - dot));
+  }
+}
+
+template <int G, typename T>
+__global__ void ce_forward_kernel(const T* __restrict__ x, const int64_t* __restrict__ target,
+                                  const typename Acc<T>::type* __restrict__ weight,
+                                  typename Acc<T>::type* __restrict__ loss, typename Acc<T>::type* __restrict__ stats,
+                                  RowLayout L, int64_t rows, int64_t ignore_index, double eps) {
+  using A = typename Acc<T>::type;
+  int64_t r;
+  int lane;
+  row_and_lane<G>(r, lane);
+  const int64_t y = r < rows ? target[r] : ignore_index;
+  // Out-of-range targets cannot raise from a kernel without a host sync: their row gets a NaN loss
+  // and nothing is read out of bounds (the CPU kernel raises instead).
+  const bool valid = r < rows && y != ignore_index && y >= 0 && y < L.V;
+  const int64_t b = valid ? L.base(r) : 0, st = L.inner, V = valid ? L.V : 0;
+  A S_other = 0, sy = 0;
+  for (int64_t c = lane; c < V; c += G) {
+    const A sc = s<A>(static_cast<A>(x[b + c * st]));
+    if (c == y) sy = sc;
+    else S_other += sc;
+  }
+  S_other = group_sum<G>(S_other);
+  sy = group_sum<G>(sy);
+  A S = sy + S_other;
+  if (::isinf(S)) S_other = S = A(NAN);  // a +inf logit: NaN loss and gradient, as with softmax
+  A smooth = 0;
+  if (eps > 0) {
+    const A logS = ::log(S);
+    for (int64_t c = lane; c < V; c += G)
+      smooth += (weight ? weight[c] : A(1)) * (logS - log_s<A>(static_cast<A>(x[b + c * st])));
+    smooth = group_sum<G>(smooth);
+  }
+  if (r >= rows || lane != 0) return;
+  A* sr = stats + 3 * r;
+  if (!valid) {
+    loss[r] = y == ignore_index ? A(0) : A(NAN);
+    sr[0] = sr[1] = sr[2] = 0;
+    return;
+  }
+  const A wy = weight ? weight[y] : A(1);
+  loss[r] = A(1 - eps) * wy * ::log1p(S_other / sy) + A(eps / L.V) * smooth;
+  sr[0] = S_other;
+  sr[1] = S;
+  sr[2] = wy;
+}
+
+template <int G, typename T>
+__global__ void ce_backward_kernel(const typename Acc<T>::type* __restrict__ grad_rows, bool grad_scalar,
+                                   const T* __restrict__ x, const int64_t* __restrict__ target,
+                                   const typename Acc<T>::type* __restrict__ weight,
+                                   const typename Acc<T>::type* __restrict__ weight_sum,
+                                   const typename Acc<T>::type* __restrict__ stats, T* __restrict__ gx,
+                                   RowLayout L, int64_t rows, int64_t ignore_index, double eps) {
+  using A = typename Acc<T>::type;
+  int64_t r;
+  int lane;
+  row_and_lane<G>(r, lane);
+  if (r >= rows) return;  // no group reduction below, so inactive threads may leave
+  const int64_t y = target[r];
+  const int64_t b = L.base(r), st = L.inner, V = L.V;
+  const bool valid = y != ignore_index && y >= 0 && y < V;
+  if (!valid) {
+    for (int64_t c = lane; c < V; c += G) gx[b + c * st] = static_cast<T>(0);
+    return;
+  }
+  const A* sr = stats + 3 * r;
+  const A g = grad_rows[grad_scalar ? 0 : r];
+  const A S_other = sr[0], invS = A(1) / sr[1], coef_t = A(1 - eps) * sr[2], coef_s = A(eps / V);
+  const A W = weight ? *weight_sum : A(V);
+  for (int64_t c = lane; c < V; c += G) {
+    const A xc = static_cast<A>(x[b + c * st]);
+    const A p = s<A>(xc) * invS;
+    const A wc = weight ? weight[c] : A(1);
+    // p_y - 1 = -S_-y / S from the saved stats: no cancellation for confident rows.
+    const A nll = c == y ? -S_other * invS : p;
+    gx[b + c * st] = static_cast<T>(g * h<A>(xc) * (coef_t * nll + coef_s * (p * W - wc)));
+  }
+}
+
+// Picks G from the row length (see the file comment) and calls launch(integral_constant<int, G>, grid).
+template <typename F>
+void dispatch_group(const RowLayout& L, int64_t rows, F&& launch) {
+  STD_TORCH_CHECK(rows <= 0x7fffffffLL, "stablemax: more than 2^31 - 1 rows are not supported on CUDA");
+  auto go = [&](auto g) {
+    constexpr int G = decltype(g)::value;
+    launch(g, (unsigned)(G <= 32 ? ceil_div(rows, kBlock / G) : rows));
+  };
+  if (L.inner != 1 || L.V <= 4) return go(std::integral_constant<int, 1>{});
+  if (L.V <= 8) return go(std::integral_constant<int, 2>{});
+  if (L.V <= 16) return go(std::integral_constant<int, 4>{});
+  if (L.V <= 32) return go(std::integral_constant<int, 8>{});
+  if (L.V <= 64) return go(std::integral_constant<int, 16>{});
+  if (L.V <= 2048) return go(std::integral_constant<int, 32>{});
+  return go(std::integral_constant<int, kBlock>{});
+}
+
+Tensor stablemax_cuda(Tensor x, int64_t dim, bool log) {
+  check_input(x, true, "stablemax", "x");
+  const DimSplit d = split_at_dim(x, dim, "stablemax");
+  Tensor out = torch::stable::empty_like(x);
+  if (x.numel() == 0) return out;
+  torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
+  const RowLayout L{d.size, d.inner};
+  cudaStream_t stream = current_stream(x);
+  LF_DISPATCH_FLOATING(x.scalar_type(), "stablemax", [&] {
+    dispatch_group(L, d.rows(), [&](auto g, unsigned grid) {
+      stablemax_kernel<decltype(g)::value, scalar_t><<<grid, kBlock, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), L, d.rows(), log);
+    });
+  });
+  LF_CHECK_LAUNCH("stablemax");
+  return out;
+}
+
+Tensor stablemax_backward_cuda(Tensor grad, Tensor x, Tensor out, int64_t dim, bool log) {
+  const char* op = "stablemax_backward";
+  check_stablemax_backward_args(grad, x, out, true, op);
+  const DimSplit d = split_at_dim(x, dim, op);
+  Tensor gx = torch::stable::empty_like(x);
+  if (x.numel() == 0) return gx;
+  torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
+  const RowLayout L{d.size, d.inner};
+  cudaStream_t stream = current_stream(x);
+  LF_DISPATCH_FLOATING(x.scalar_type(), op, [&] {
+    dispatch_group(L, d.rows(), [&](auto g, unsigned grid) {
+      stablemax_backward_kernel<decltype(g)::value, scalar_t><<<grid, kBlock, 0, stream>>>(
+          grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(),
+          gx.mutable_data_ptr<scalar_t>(), L, d.rows(), log);
+    });
+  });
+  LF_CHECK_LAUNCH(op);
+  return gx;
+}
+
+std::tuple<Tensor, Tensor> stablemax_cross_entropy_cuda(Tensor input, Tensor target, std::optional<Tensor> weight,
+                                                        int64_t dim, int64_t ignore_index, double label_smoothing) {
+  const char* op = "stablemax_cross_entropy";
+  const DimSplit d = check_ce_args(input, target, weight, dim, true, op);
+  STD_TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
+                  ": label_smoothing must be in [0, 1], got ", label_smoothing);
+  Tensor loss, stats;
+  std::tie(loss, stats) = new_ce_outputs(input, target);
+  if (d.rows() == 0) return {loss, stats};
+  STD_TORCH_CHECK(d.size > 0, op, ": input has no classes (size 0 at the class dimension)");
+  torch::stable::accelerator::DeviceGuard guard(input.get_device_index());
+  const RowLayout L{d.size, d.inner};
+  cudaStream_t stream = current_stream(input);
+  LF_DISPATCH_FLOATING(input.scalar_type(), op, [&] {
+    using A = typename Acc<scalar_t>::type;
+    const A* wp = weight.has_value() ? weight->const_data_ptr<A>() : nullptr;
+    dispatch_group(L, d.rows(), [&](auto g, unsigned grid) {
+      ce_forward_kernel<decltype(g)::value, scalar_t><<<grid, kBlock, 0, stream>>>(
+          input.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(), wp, loss.mutable_data_ptr<A>(),
+          stats.mutable_data_ptr<A>(), L, d.rows(), ignore_index, label_smoothing);
+    });
+  });
+  LF_CHECK_LAUNCH(op);
+  return {loss, stats};
+}
+
+Tensor stablemax_cross_entropy_backward_cuda(Tensor grad_rows, Tensor input, Tensor target,
+                                             std::optional<Tensor> weight, Tensor stats, int64_t dim,
+                                             int64_t ignore_index, double label_smoothing) {
+  const char* op = "stablemax_cross_entropy_backward";
+  const DimSplit d = check_ce_args(input, target, weight, dim, true, op);
+  check_ce_backward_args(grad_rows, stats, input, d, op);
+  Tensor gx = torch::stable::empty_like(input);
+  if (input.numel() == 0) return gx;
+  torch::stable::accelerator::DeviceGuard guard(input.get_device_index());
+  const RowLayout L{d.size, d.inner};
+  cudaStream_t stream = current_stream(input);
+  // W = sum of the class weights, computed on the device (no host sync).
+  std::optional<Tensor> weight_sum;
+  if (weight.has_value()) weight_sum = torch::stable::sum(*weight, std::nullopt);
+  LF_DISPATCH_FLOATING(input.scalar_type(), op, [&] {
+    using A = typename Acc<scalar_t>::type;
+    const A* wp = weight.has_value() ? weight->const_data_ptr<A>() : nullptr;
+    const A* wsum = weight_sum.has_value() ? weight_sum->const_data_ptr<A>() : nullptr;
+    const bool scalar = grad_rows.numel() == 1 && d.rows() != 1;
+    dispatch_group(L, d.rows(), [&](auto g, unsigned grid) {
+      ce_backward_kernel<decltype(g)::value, scalar_t><<<grid, kBlock, 0, stream>>>(
+          grad_rows.const_data_ptr<A>(), scalar, input.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(),
+          wp, wsum, stats.const_data_ptr<A>(), gx.mutable_data_ptr<scalar_t>(), L, d.rows(), ignore_index,
+          label_smoothing);
+    });
+  });
+  LF_CHECK_LAUNCH(op);
+  return gx;
+}
+
+// ⊥Grad: kernel 1 accumulates (w.g, w.w, g.g) in float64 (block sums, then one atomicAdd per block
+// into a 3-element device buffer); kernel 2 reads the buffer and rescales g in place. No host sync.
+template <typename T>
+__global__ void orthograd_dots_kernel(const T* __restrict__ w, const T* __restrict__ g, int64_t n,
+                                      double* __restrict__ dots) {
+  double wg = 0, ww = 0, gg = 0;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    const double wi = static_cast<double>(static_cast<float>(w[i]));
+    const double gi = static_cast<double>(static_cast<float>(g[i]));
+    wg += wi * gi;
+    ww += wi * wi;
+    gg += gi * gi;
+  }
+  wg = group_sum<kBlock>(wg);
+  ww = group_sum<kBlock>(ww);
+  gg = group_sum<kBlock>(gg);
+  if (threadIdx.x == 0) {
+    atomicAdd(dots, wg);
+    atomicAdd(dots + 1, ww);
+    atomicAdd(dots + 2, gg);
+  }
+}
+
+template <>
+__global__ void orthograd_dots_kernel<double>(const double* __restrict__ w, const double* __restrict__ g, int64_t n,
+                                              double* __restrict__ dots) {
+  double wg = 0, ww = 0, gg = 0;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    wg += w[i] * g[i];
+    ww += w[i] * w[i];
+    gg += g[i] * g[i];
+  }
+  wg = group_sum<kBlock>(wg);
+  ww = group_sum<kBlock>(ww);
+  gg = group_sum<kBlock>(gg);
+  if (threadIdx.x == 0) {
+    atomicAdd(dots, wg);
+    atomicAdd(dots + 1, ww);
+    atomicAdd(dots + 2, gg);
+  }
+}
+
+template <typename T>
+__global__ void orthograd_apply_kernel(const T* __restrict__ w, T* __restrict__ g, int64_t n,
+                                       const double* __restrict__ dots) {
+  using A = typename Acc<T>::type;
+  const double wg = dots[0], ww = dots[1], gg = dots[2];
+  const double proj = wg / (ww + 1e-30);
+  const double perp2 = fmax(gg - 2.0 * proj * wg + proj * proj * ww, 0.0);
+  const A a_proj = static_cast<A>(proj), a_scale = static_cast<A>(sqrt(gg) / (sqrt(perp2) + 1e-30));
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    g[i] = static_cast<T>((static_cast<A>(g[i]) - a_proj * static_cast<A>(w[i])) * a_scale);
+}
+
+void orthograd_cuda(Tensor grad, Tensor param) {
+  check_orthograd_args(grad, param, true);
+  const int64_t n = grad.numel();
+  if (n == 0) return;
+  torch::stable::accelerator::DeviceGuard guard(grad.get_device_index());
+  cudaStream_t stream = current_stream(grad);
+  Tensor dots = torch::stable::new_zeros(grad, {3}, ScalarType::Double);
+  const unsigned grid = (unsigned)std::min<int64_t>(ceil_div(n, kBlock), 1024);
+  LF_DISPATCH_FLOATING(grad.scalar_type(), "orthograd_", [&] {
+    orthograd_dots_kernel<scalar_t><<<grid, kBlock, 0, stream>>>(
+        param.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), n, dots.mutable_data_ptr<double>());
+    orthograd_apply_kernel<scalar_t><<<grid, kBlock, 0, stream>>>(
+        param.const_data_ptr<scalar_t>(), grad.mutable_data_ptr<scalar_t>(), n, dots.const_data_ptr<double>());
+  });
+  LF_CHECK_LAUNCH("orthograd_");
+}
+
+}  // namespace
+}  // namespace stablemax
+}  // namespace lossforge
+
+STABLE_TORCH_LIBRARY_IMPL(lossforge, CUDA, m) {
+  using namespace lossforge::stablemax;
+  m.impl("stablemax", TORCH_BOX(&stablemax_cuda));
+  m.impl("stablemax_backward", TORCH_BOX(&stablemax_backward_cuda));
+  m.impl("stablemax_cross_entropy", TORCH_BOX(&stablemax_cross_entropy_cuda));
+  m.impl("stablemax_cross_entropy_backward", TORCH_BOX(&stablemax_cross_entropy_backward_cuda));
+  m.impl("orthograd_", TORCH_BOX(&orthograd_cuda));
+}
