@@ -16,7 +16,8 @@
 //                dies. The faces that merge are cleared from the dim-1 reduction (3D).
 //   dim 1 (3D):  column reduction of the 2-cells left after clearing, rows = edges; a column whose
 //                largest face is still free is paired at once (emergent / apparent pair),
-//                the others are reduced with a heap and kept for later additions.
+//                the others are reduced by sorted merges and kept for later additions;
+//                homology and cohomology formulations race (see DimOneReducer).
 //   image:       the same three algorithms with the columns ordered by c and the rows by f
 //                (or g): dim 0 by a union-find over c's edges that also tracks each component's
 //                f-elder and g-elder, dim D-1 by f's dual union-find that also tracks the c-elder,
@@ -28,6 +29,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -69,30 +71,31 @@ struct Ranks {
 template <typename T>
 void compute_ranks(const T* values, u32 V, Ranks& out) {
   using K = decltype(order_key(T()));
-  constexpr int kBytes = sizeof(K);
+  constexpr int kBits = 11, kBuckets = 1 << kBits;
+  constexpr int kPasses = (8 * static_cast<int>(sizeof(K)) + kBits - 1) / kBits;
   std::vector<K> keys(V), keys2(V);
   std::vector<u32> idx(V), idx2(V);
-  std::vector<u32> hist(kBytes * 256, 0);
+  std::vector<u32> hist(static_cast<size_t>(kPasses) * kBuckets, 0);
   for (u32 i = 0; i < V; ++i) {
     const K k = order_key(values[i]);
     keys[i] = k;
     idx[i] = i;
-    for (int b = 0; b < kBytes; ++b) hist[b * 256 + ((k >> (8 * b)) & 0xFF)]++;
+    for (int b = 0; b < kPasses; ++b) hist[b * kBuckets + ((k >> (kBits * b)) & (kBuckets - 1))]++;
   }
-  for (int b = 0; b < kBytes; ++b) {
-    u32* h = hist.data() + b * 256;
+  for (int b = 0; b < kPasses; ++b) {
+    u32* h = hist.data() + static_cast<size_t>(b) * kBuckets;
     bool trivial = false;
-    for (int d = 0; d < 256; ++d)
+    for (int d = 0; d < kBuckets; ++d)
       if (h[d] == V) trivial = true;
     if (trivial) continue;  // every key has the same digit: the pass would not move anything
     u32 sum = 0;
-    for (int d = 0; d < 256; ++d) {
+    for (int d = 0; d < kBuckets; ++d) {
       const u32 c = h[d];
       h[d] = sum;
       sum += c;
     }
     for (u32 i = 0; i < V; ++i) {
-      const u32 pos = h[(keys[i] >> (8 * b)) & 0xFF]++;
+      const u32 pos = h[(keys[i] >> (kBits * b)) & (kBuckets - 1)]++;
       keys2[pos] = keys[i];
       idx2[pos] = idx[i];
     }
@@ -109,6 +112,19 @@ void compute_ranks(const T* values, u32 V, Ranks& out) {
   out.elder = V ? idx[0] : 0;
 }
 
+// Exact n / d for 32-bit n by a multiply and a shift (Lemire, Kaser & Kurz 2019: with
+// M = ceil(2^64 / d), n / d = (M * n) >> 64 for every 32-bit n).
+struct FastDiv {
+  u64 M = 0;
+  u32 d = 1;
+  FastDiv() = default;
+  explicit FastDiv(u32 divisor) : M(divisor > 1 ? ~u64(0) / divisor + 1 : 0), d(divisor) {}
+  u32 div(u32 n) const {
+    if (d == 1) return n;
+    return static_cast<u32>((static_cast<unsigned __int128>(M) * n) >> 64);
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
 // Geometry of a D-dimensional grid (D = 2 or 3). Vertex ids are C-order linear indices; edge ids
 // are v*D + axis; 3D face ids are v*3 + normal axis; top cells (squares / cubes) are numbered in
@@ -118,6 +134,7 @@ template <int D>
 struct Geom {
   int64_t n[3] = {1, 1, 1}, m[3] = {0, 0, 0}, vs[3] = {0, 0, 0}, ts[3] = {0, 0, 0};
   u32 V = 0, T = 0;
+  FastDiv div_row, div_plane;  // by n[D-1] and (3D) by n[1] * n[2]
 
   explicit Geom(const int64_t* sizes) {
     for (int i = 0; i < D; ++i) {
@@ -133,19 +150,22 @@ struct Geom {
     }
     V = static_cast<u32>(s);
     T = static_cast<u32>(t);
+    div_row = FastDiv(static_cast<u32>(n[D - 1]));
+    if (D == 3) div_plane = FastDiv(static_cast<u32>(n[1] * n[2]));
   }
   // 32-bit divisions (much cheaper than 64-bit ones on the hot paths)
   void coords(u32 v, int64_t* c) const {
     if (D == 2) {
-      const u32 n1 = static_cast<u32>(n[1]);
-      c[0] = v / n1;
-      c[1] = v % n1;
+      const u32 x = div_row.div(v);
+      c[0] = x;
+      c[1] = v - x * static_cast<u32>(n[1]);
     } else {
-      const u32 nyz = static_cast<u32>(n[1] * n[2]), n2 = static_cast<u32>(n[2]);
-      c[0] = v / nyz;
-      const u32 r = v % nyz;
-      c[1] = r / n2;
-      c[2] = r % n2;
+      const u32 x = div_plane.div(v);
+      const u32 r = v - x * static_cast<u32>(n[1] * n[2]);
+      const u32 y = div_row.div(r);
+      c[0] = x;
+      c[1] = y;
+      c[2] = r - y * static_cast<u32>(n[2]);
     }
   }
   int64_t top_id(const int64_t* c) const {
@@ -493,19 +513,30 @@ struct DimOneSide {
 };
 
 struct DimOneReducer {
+  // Work of starting a column (entries, pivot test: mostly cache misses) in units of merged entries.
+  static constexpr u64 kColumnWork = 16;
   DimOneSide side;
   // Per row cell: 0 if it is no pivot; else the pivot's column as (cell + 1) when the column is its
   // own boundary / coboundary, or (kStored | offset of its kept reduced column in pool).
   static constexpr u32 kStored = 0x80000000u;
   std::vector<u32> pivot;
   std::vector<u64> taken;      // bitset over rows: is a pivot (small enough to stay in cache)
-  std::vector<u64> pool;       // kept reduced columns: length n, column cell, then n keys
-  std::vector<u64> heap, tmp;  // working column (max-heap), scratch
+  std::vector<u64> pool;       // kept reduced columns: length n, column cell, then n keys (decreasing)
+  std::vector<u64> work_col, scratch;  // working column, sorted decreasing, pairs cancelled
   u32 i = 0;                   // next column
-  bool busy = false;           // column i is in the heap, partly reduced
+  bool busy = false;           // column i is in work_col, partly reduced
   bool started = false;
   u64 spent = 0;               // work so far
 
+  // Prepares a fresh reduction of the given columns and rows.
+  void reset(const DimOneSide& sd) {
+    release();
+    side = sd;
+    i = 0;
+    busy = false;
+    started = false;
+    spent = 0;
+  }
   void start() {
     const size_t nrows = static_cast<size_t>(side.g->V) * 3;
     pivot.assign(nrows, 0);
@@ -517,45 +548,45 @@ struct DimOneReducer {
     taken[r >> 6] |= u64(1) << (r & 63);
     pivot[r] = entry;
   }
-  void push(u64 k) {
-    heap.push_back(k);
-    std::push_heap(heap.begin(), heap.end());
-  }
-  u64 pop() {
-    std::pop_heap(heap.begin(), heap.end());
-    const u64 p = heap.back();
-    heap.pop_back();
-    return p;
-  }
-  u64 pop_pivot() {
-    while (!heap.empty()) {
-      const u64 p = pop();
-      if (!heap.empty() && heap.front() == p) {  // an even count of p cancels
-        pop();
-        continue;
-      }
-      return p;
+  // work_col <- work_col + x (over Z/2); both sorted decreasing. Branch-free merge: equal keys
+  // cancel (both advance, nothing is kept).
+  void add(const u64* x, size_t n) {
+    scratch.resize(work_col.size() + n);
+    const u64 *a = work_col.data(), *ae = a + work_col.size(), *b = x, *be = x + n;
+    u64* o = scratch.data();
+    while (a != ae && b != be) {
+      const u64 va = *a, vb = *b;
+      *o = va > vb ? va : vb;
+      o += va != vb;
+      a += va >= vb;
+      b += vb >= va;
     }
-    return ~u64(0);
+    while (a != ae) *o++ = *a++;
+    while (b != be) *o++ = *b++;
+    scratch.resize(o - scratch.data());
+    work_col.swap(scratch);
   }
-  // Keeps the reduced column (pivot p, the rest in the heap) for later additions.
-  u32 keep(u32 cell, u64 p) {
-    tmp.assign(heap.begin(), heap.end());
-    std::sort(tmp.begin(), tmp.end(), std::greater<u64>());
+  // Sorts n <= 4 keys decreasing (a sorting network; missing entries are padded with 0, below
+  // every key: homology columns always have 4 entries and cohomology keys are never 0).
+  static void sort_desc(u64* k, int n) {
+    for (int q = n; q < 4; ++q) k[q] = 0;
+    auto cx = [](u64& a, u64& b) {
+      const u64 hi = a > b ? a : b, lo = a > b ? b : a;
+      a = hi;
+      b = lo;
+    };
+    cx(k[0], k[1]);
+    cx(k[2], k[3]);
+    cx(k[0], k[2]);
+    cx(k[1], k[3]);
+    cx(k[1], k[2]);
+  }
+  u32 keep(u32 cell) {
     const size_t off = pool.size();
     if (off >= kStored) throw std::length_error("dimension-1 reduction: more than 2^31 kept entries");
-    pool.push_back(0);
+    pool.push_back(work_col.size());
     pool.push_back(cell);
-    pool.push_back(p);
-    for (size_t q = 0; q < tmp.size();) {
-      if (q + 1 < tmp.size() && tmp[q] == tmp[q + 1]) {
-        q += 2;
-      } else {
-        pool.push_back(tmp[q]);
-        q += 1;
-      }
-    }
-    pool[off] = pool.size() - off - 2;
+    pool.insert(pool.end(), work_col.begin(), work_col.end());
     return kStored | static_cast<u32>(off);
   }
   // Reduces columns until about `budget` units of work are spent; true when all are reduced.
@@ -572,7 +603,7 @@ struct DimOneReducer {
       const u32 cell = side.cols[i];
       if (!busy) {
         const int n = side.entries(cell, k);
-        ++work;
+        work += kColumnWork;
         if (n == 0) {
           ++i;
           continue;
@@ -585,39 +616,38 @@ struct DimOneReducer {
           ++i;
           continue;
         }
-        heap.assign(k, k + n);
-        std::make_heap(heap.begin(), heap.end());
+        sort_desc(k, n);
+        work_col.assign(k, k + n);
         busy = true;
       }
       while (true) {
-        const u64 p = pop_pivot();
-        if (p == ~u64(0)) {  // zero column
+        if (work_col.empty()) {  // zero column
           busy = false;
           ++i;
           break;
         }
-        const u32 r = side.row(p);
+        const u32 r = side.row(work_col[0]);
         if (!is_taken(r)) {
-          take(r, keep(cell, p));
+          take(r, keep(cell));
           busy = false;
           ++i;
           break;
         }
-        // add the reduced column whose pivot is p, without p itself
+        // add the reduced column whose pivot is work_col[0]
         const u32 e = pivot[r];
         if (e & kStored) {
           const u64 at = e & ~kStored;
           const u64 len = pool[at];
-          for (u64 q = 1; q < len; ++q) push(pool[at + 2 + q]);  // pool[at + 2] is p
-          work += len;
+          add(pool.data() + at + 2, len);
+          work += len + work_col.size();
         } else {
           u64 kj[4];
           const int nj = side.entries(e - 1, kj);
-          for (int q = 0; q < nj; ++q)
-            if (kj[q] != p) push(kj[q]);
-          work += static_cast<u64>(nj);
+          sort_desc(kj, nj);
+          add(kj, static_cast<size_t>(nj));
+          work += static_cast<u64>(nj) + work_col.size();
         }
-        if (work >= budget) {  // suspend mid-column: the heap keeps the state
+        if (work >= budget) {  // suspend mid-column: work_col keeps the state
           suspended = true;
           break;
         }
@@ -626,37 +656,72 @@ struct DimOneReducer {
     spent += work;
     return i >= side.ncols;
   }
-  // Extrapolated work to finish (infinite before any progress).
-  double remaining() const {
-    if (i >= side.ncols) return 0;
-    if (i == 0) return 1e300;
-    return static_cast<double>(spent) / i * (side.ncols - i);
-  }
   u32 column_cell(u32 entry) const { return (entry & kStored) ? static_cast<u32>(pool[(entry & ~kStored) + 1]) : entry - 1; }
   void release() {
     std::vector<u32>().swap(pivot);
     std::vector<u64>().swap(taken);
     std::vector<u64>().swap(pool);
-    std::vector<u64>().swap(heap);
-    std::vector<u64>().swap(tmp);
+    std::vector<u64>().swap(work_col);
+    std::vector<u64>().swap(scratch);
   }
 };
 
-// Races the two formulations; returns the finished one (the other is released). Both first get the
-// same budget; then the one whose extrapolated remaining work is smaller advances, with a budget
-// that doubles, until one finishes.
+// Races the two formulations; returns the finished one (the other is released). Both first get a
+// small budget (half a pass over the columns); then the side whose remaining work looks smaller
+// advances by as much as it has spent so far (doubling). Remaining work is extrapolated from the
+// side's latest advance (its work per column there; an advance that finished no column counts as
+// at least that much per remaining column), since columns get costlier towards the end. A side
+// never gets more than 8x the other's work before the other has a turn. Work counts merged entries,
+// so the outcome is deterministic.
+struct RaceSide {
+  DimOneReducer* r;
+  u64 last_work = 0;
+  u32 last_cols = 0;
+  bool advance(u64 budget) {
+    const u64 w0 = r->spent;
+    const u32 i0 = r->i;
+    const bool done = r->advance(budget);
+    last_work = r->spent - w0;
+    last_cols = r->i - i0;
+    return done;
+  }
+  double remaining() const {
+    const double left = static_cast<double>(r->side.ncols - r->i);
+    return static_cast<double>(last_work) / std::max<u32>(last_cols, 1) * left;
+  }
+};
+
+inline u64 race_budget(const DimOneReducer& a, const DimOneReducer& b) {
+  return DimOneReducer::kColumnWork * std::max(a.side.ncols, b.side.ncols) / 2 + 1024;
+}
+
 inline DimOneReducer* race(DimOneReducer& a, DimOneReducer& b) {
-  u64 budget = 2 * static_cast<u64>(std::max(a.side.ncols, b.side.ncols)) + 1024;
+  const u64 b0 = race_budget(a, b);
+  RaceSide sa{&a}, sb{&b};
   DimOneReducer* done = nullptr;
-  if (a.advance(budget)) done = &a;
-  else if (b.advance(budget)) done = &b;
+  if (sa.advance(b0)) done = &a;
+  else if (sb.advance(b0)) done = &b;
   while (!done) {
-    budget *= 2;
-    DimOneReducer* next = a.remaining() <= b.remaining() ? &a : &b;
-    if (next->advance(budget)) done = next;
+    RaceSide* x = sa.remaining() <= sb.remaining() ? &sa : &sb;
+    RaceSide* y = x == &sa ? &sb : &sa;
+    if (x->r->spent >= 8 * y->r->spent) std::swap(x, y);
+    if (x->advance(std::max(b0, x->r->spent))) done = x->r;
   }
   (done == &a ? b : a).release();
   return done;
+}
+
+// One side of a race run as its own task beside the other (threads to spare): it advances in
+// chunks until it finishes or the other side has won. Whichever wins, the pairs are the same.
+inline void run_race_side(DimOneReducer& r, std::atomic<int>& winner, int id, u64 chunk) {
+  while (winner.load(std::memory_order_relaxed) < 0) {
+    if (r.advance(chunk)) {
+      int expected = -1;
+      winner.compare_exchange_strong(expected, id);
+      break;
+    }
+  }
+  if (winner.load() != id) r.release();
 }
 
 // The pivot pairs (edge, face) of a finished reduction, calling f(edge, face).
@@ -692,6 +757,9 @@ struct ImageState {
   std::vector<u32> birth_edges;     // f, g: birth edge of each dim-1 bar (bars sorted by it)
   std::vector<std::pair<u32, u32>> face_bars;  // c: (death face, bar) of each dim-1 bar, by face
   std::vector<u32> img_edge;        // f, g: per entry of c's face_bars, the edge of its image pair
+  // a dimension-1 race run as two tasks (own bars, then the image pairs)
+  DimOneReducer side[2];
+  std::atomic<int> winner{-1};
 };
 
 // f and g (and c = min(f, g)) of one instance, and the matching between f's and g's bars.
@@ -725,8 +793,9 @@ struct Instance {
     top_ranks<D>(geom, s.rk.rank.data(), s.top);
   }
 
-  // Phase 2: own bars of image `which`; in a matching, also the maps the matching reads.
-  void own(int which, bool matching) {
+  // Phase 2: own bars of image `which`; in a matching, also the maps the matching reads. Split in
+  // three: own_pre (sorts, union-finds), the dimension-1 race (3D), own_finish.
+  void own_pre(int which, bool matching) {
     ImageState<D>& s = img[which];
     const bool is_c = which == 2;
     const bool image = matching && !is_c;
@@ -762,30 +831,55 @@ struct Instance {
       faces.resize(k);
       std::vector<uint8_t>().swap(cleared);
       if (!is_c) std::vector<u32>().swap(s.top);
-      dim1_own(s, which);
-      if (!is_c) std::vector<u32>().swap(s.hom_cols);  // c keeps them for the image reductions
-      if (is_c || !matching) std::vector<u32>().swap(s.pos_edges);
     }
-    if (!is_c) {
-      std::vector<u32>().swap(s.top);
-      for (int k = 0; k < D; ++k) s.matched[k].assign(s.bars[k].size(), 0);
+    if (!is_c) std::vector<u32>().swap(s.top);
+  }
+
+  // Phase 2 in one task: everything, with the dimension-1 race run sequentially.
+  void own(int which, bool matching) {
+    own_pre(which, matching);
+    if (D == 3) {
+      own_race_setup(which);
+      DimOneReducer* win = race(img[which].side[0], img[which].side[1]);
+      own_finish(which, matching, *win);
+    } else {
+      own_finish(which, matching, img[which].side[0]);
     }
   }
 
-  void dim1_own(ImageState<D>& s, int which) {
+  void own_race_setup(int which) {
+    if constexpr (D == 3) {
+      ImageState<D>& s = img[which];
+      const u32* R = s.rk.rank.data();
+      s.side[0].reset({&geom, R, s.hom_cols.data(), static_cast<u32>(s.hom_cols.size()), false});
+      s.side[1].reset({&geom, R, s.pos_edges.data(), static_cast<u32>(s.pos_edges.size()), true});
+      s.winner.store(-1);
+    }
+  }
+
+  // After the dimension-1 race (3D): the own bars, then the lists the later phases need.
+  void own_finish(int which, bool matching, DimOneReducer& win) {
+    ImageState<D>& s = img[which];
+    const bool is_c = which == 2;
+    if (D == 3) {
+      dim1_bars(s, which, win);
+      if (!is_c) std::vector<u32>().swap(s.hom_cols);  // c keeps them for the image reductions
+      if (is_c || !matching) std::vector<u32>().swap(s.pos_edges);
+    }
+    if (!is_c)
+      for (int k = 0; k < D; ++k) s.matched[k].assign(s.bars[k].size(), 0);
+  }
+
+  void dim1_bars(ImageState<D>& s, int which, DimOneReducer& win) {
     if constexpr (D == 3) {
       const u32* R = s.rk.rank.data();
-      DimOneReducer h, c;
-      h.side = {&geom, R, s.hom_cols.data(), static_cast<u32>(s.hom_cols.size()), false};
-      c.side = {&geom, R, s.pos_edges.data(), static_cast<u32>(s.pos_edges.size()), true};
-      DimOneReducer* win = race(h, c);
       CellRanks<D> cr{geom, R};
       std::vector<std::pair<u32, u32>> pairs;  // (birth edge, death face), nonzero persistence
-      for_each_pair(*win, [&](u32 e, u32 q) {
+      for_each_pair(win, [&](u32 e, u32 q) {
         if (cr.edge_rank(e / 3, static_cast<int>(e % 3)) != cr.face_rank(q / 3, static_cast<int>(q % 3)))
           pairs.push_back({e, q});
       });
-      win->release();
+      win.release();
       std::sort(pairs.begin(), pairs.end());
       std::vector<Bar>& bars = s.bars[1];
       bars.reserve(pairs.size());
@@ -800,26 +894,42 @@ struct Instance {
         else s.birth_edges.push_back(eq.first);
       }
       if (is_c) std::sort(s.face_bars.begin(), s.face_bars.end());
+    } else {
+      (void)s;
+      (void)which;
+      (void)win;
     }
   }
 
-  // Phase 3 (3D): the image pairs (this image's edge, c's face) of dimension 1, kept for c's death faces.
-  void image(int which) {
+  // Phase 3 (3D): the image pairs (this image's edge, c's face) of dimension 1, kept for c's death
+  // faces: a race between the homology form (c's columns, rows in this image's order) and the
+  // cohomology form (this image's columns, rows in c's order).
+  void image_race_setup(int which) {
     if constexpr (D == 3) {
       ImageState<D>& s = img[which];
       const ImageState<D>& C = img[2];
-      DimOneReducer h, c;
-      h.side = {&geom, s.rk.rank.data(), C.hom_cols.data(), static_cast<u32>(C.hom_cols.size()), false};
-      c.side = {&geom, C.rk.rank.data(), s.pos_edges.data(), static_cast<u32>(s.pos_edges.size()), true};
-      DimOneReducer* win = race(h, c);
-      s.img_edge.assign(C.face_bars.size(), kNone);
-      for_each_pair(*win, [&](u32 e, u32 q) {
-        auto it = std::lower_bound(C.face_bars.begin(), C.face_bars.end(), std::make_pair(q, u32(0)));
-        if (it != C.face_bars.end() && it->first == q) s.img_edge[it - C.face_bars.begin()] = e;
-      });
-      win->release();
-      std::vector<u32>().swap(s.pos_edges);
+      s.side[0].reset({&geom, s.rk.rank.data(), C.hom_cols.data(), static_cast<u32>(C.hom_cols.size()), false});
+      s.side[1].reset({&geom, C.rk.rank.data(), s.pos_edges.data(), static_cast<u32>(s.pos_edges.size()), true});
+      s.winner.store(-1);
     }
+  }
+
+  void image_finish(int which, DimOneReducer& win) {
+    ImageState<D>& s = img[which];
+    const ImageState<D>& C = img[2];
+    s.img_edge.assign(C.face_bars.size(), kNone);
+    for_each_pair(win, [&](u32 e, u32 q) {
+      auto it = std::lower_bound(C.face_bars.begin(), C.face_bars.end(), std::make_pair(q, u32(0)));
+      if (it != C.face_bars.end() && it->first == q) s.img_edge[it - C.face_bars.begin()] = e;
+    });
+    win.release();
+    std::vector<u32>().swap(s.pos_edges);
+  }
+
+  void image(int which) {
+    if (D != 3) return;
+    image_race_setup(which);
+    image_finish(which, *race(img[which].side[0], img[which].side[1]));
   }
 
   bool keep(u32 fb, u32 gb, u32 cdeath) const {

@@ -71,6 +71,18 @@ void check_images(const Tensor& x, const char* op, const char* arg) {
   STD_TORCH_CHECK(V < (int64_t(1) << 32) / 3, op, ": ", arg, " has too many pixels per image (", V, ")");
 }
 
+// The dimension-1 races of images `which` of every instance, two tasks per race (one per side).
+template <int D, typename T>
+void race_tasks(std::vector<std::unique_ptr<Instance<D, T>>>& inst, std::initializer_list<int> which, const char* op) {
+  std::vector<int> ws(which);
+  const int64_t per = static_cast<int64_t>(ws.size()) * 2;
+  run_tasks(static_cast<int64_t>(inst.size()) * per, op, [&](int64_t t) {
+    ImageState<D>& s = inst[t / per]->img[ws[(t % per) / 2]];
+    const int id = static_cast<int>(t % 2);
+    run_race_side(s.side[id], s.winner, id, race_budget(s.side[0], s.side[1]) / 8 + 1024);
+  });
+}
+
 template <typename T>
 void check_finite(const T* p, int64_t n, const char* op, const char* arg) {
   std::atomic<int64_t> bad{-1};
@@ -85,29 +97,49 @@ void check_finite(const T* p, int64_t n, const char* op, const char* arg) {
   STD_TORCH_CHECK(bad.load() < 0, op, ": ", arg, " contains NaN (at flat index ", bad.load(), ")");
 }
 
-// Phases over a batch: with many instances each task runs one whole instance (memory stays per
-// thread); with few, the phases run one after another with one task per (instance, image).
+// Phases over a batch: with many instances (or one thread) each task runs one whole instance, its
+// dimension-1 races run side after side (memory stays per thread). With few instances and threads
+// to spare the phases run one after another, one task per (instance, image), and each 3D
+// dimension-1 race runs its two sides as two tasks at once (the first to finish wins).
 template <int D, typename T>
 void run_matching(std::vector<std::unique_ptr<Instance<D, T>>>& inst, const char* op) {
   const int64_t N = static_cast<int64_t>(inst.size());
   const int64_t nthreads = static_cast<int64_t>(torch::stable::get_num_threads());
-  if (N >= 4 * nthreads) {
+  if (nthreads <= 1 || N >= 4 * nthreads) {
     run_tasks(N, op, [&](int64_t n) {
       Instance<D, T>& in = *inst[n];
       for (int w = 0; w < 3; ++w) in.rank(w);
       for (int w = 0; w < 3; ++w) in.own(w, true);
-      if (D == 3) {
-        in.image(0);
-        in.image(1);
-      }
+      in.image(0);
+      in.image(1);
       in.match();
     });
     return;
   }
   run_tasks(3 * N, op, [&](int64_t t) { inst[t / 3]->rank(static_cast<int>(t % 3)); });
-  // c first: its reduction is the longest in 3D
-  run_tasks(3 * N, op, [&](int64_t t) { inst[t / 3]->own(2 - static_cast<int>(t % 3), true); });
-  if (D == 3) run_tasks(2 * N, op, [&](int64_t t) { inst[t / 2]->image(static_cast<int>(t % 2)); });
+  if (D == 2) {
+    run_tasks(3 * N, op, [&](int64_t t) { inst[t / 3]->own(static_cast<int>(t % 3), true); });
+  } else {
+    run_tasks(3 * N, op, [&](int64_t t) {
+      Instance<D, T>& in = *inst[t / 3];
+      const int w = 2 - static_cast<int>(t % 3);
+      in.own_pre(w, true);
+      in.own_race_setup(w);
+    });
+    race_tasks<D, T>(inst, {2, 0, 1}, op);
+    run_tasks(3 * N, op, [&](int64_t t) {
+      Instance<D, T>& in = *inst[t / 3];
+      const int w = static_cast<int>(t % 3);
+      in.own_finish(w, true, in.img[w].side[in.img[w].winner.load()]);
+    });
+    run_tasks(2 * N, op, [&](int64_t t) { inst[t / 2]->image_race_setup(static_cast<int>(t % 2)); });
+    race_tasks<D, T>(inst, {0, 1}, op);
+    run_tasks(2 * N, op, [&](int64_t t) {
+      Instance<D, T>& in = *inst[t / 2];
+      const int w = static_cast<int>(t % 2);
+      in.image_finish(w, in.img[w].side[in.img[w].winner.load()]);
+    });
+  }
   run_tasks(N, op, [&](int64_t n) { inst[n]->match(); });
 }
 

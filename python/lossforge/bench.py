@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-FAMILIES = ("stablemax",)
+FAMILIES = ("stablemax", "betti_matching")
 
 
 @dataclasses.dataclass
