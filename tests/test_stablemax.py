@@ -276,6 +276,9 @@ def test_collapse_fraction(device):
     expected_soft = (F.cross_entropy(x, target, reduction="none")[:3] == 0).float().mean()
     assert soft.item() == pytest.approx(expected_soft.item()) and soft.item() == pytest.approx(2 / 3)
     assert stab.item() == pytest.approx(1 / 3)
+    # the [B, L, V] layout with dim=-1 and the [N, V, d] layout with dim=1 give the same
+    assert lossforge.collapse_fraction(x.view(2, 2, 6), target.view(2, 2), dim=-1) == soft
+    assert lossforge.collapse_fraction(x.t().reshape(1, 6, 4), target.view(1, 4), loss="stablemax") == stab
     # our loss is not collapsed on the row where the naive float32 StableMax-CE is
     assert lossforge.stablemax_cross_entropy(x[1:2], target[1:2]) > 0
 

@@ -12,7 +12,7 @@ importlib.import_module("lossforge._C")  # registers torch.ops.lossforge.* (CPU 
 if _build_config.WITH_CUDA:
     try:
         importlib.import_module("lossforge._C_cuda")  # registers the CUDA kernels
-    except OSError as e:  # e.g. a CUDA build loaded beside a CPU-only torch: the CPU ops still work
+    except (ImportError, OSError) as e:  # e.g. a CUDA build beside a CPU-only torch: the CPU ops still work
         _cuda_error = str(e)
 
 ops = torch.ops.lossforge

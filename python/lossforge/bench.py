@@ -126,6 +126,27 @@ def time_ms(fn: Callable, device: str, budget_s: float = 1.0, max_reps: int = 20
     return statistics.median(times) * 1e3
 
 
+_BANDWIDTH: dict[str, float] = {}
+
+
+def measured_bandwidth_gbs(device: str) -> float:
+    """Memory bandwidth of this device measured now (GB/s): a large tensor copy reads and writes its
+    bytes once each. Families use it to state each kernel's floor (bytes moved / bandwidth)."""
+    if device not in _BANDWIDTH:
+        n = (1 << 28) if device.startswith("cuda") else (1 << 26)  # 1 GiB / 256 MiB of float32
+        src = torch.ones(n, device=device)
+        dst = torch.empty_like(src)
+        ms = time_ms(lambda: dst.copy_(src), device, budget_s=0.5)
+        _BANDWIDTH[device] = 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+        del src, dst
+    return _BANDWIDTH[device]
+
+
+def floor_ms(bytes_moved: float, device: str) -> float:
+    """The memory-bound floor of a kernel that must move `bytes_moved` bytes, in milliseconds."""
+    return bytes_moved / (measured_bandwidth_gbs(device) * 1e9) * 1e3
+
+
 def run_case(case: Case, device: str, budget_s: float) -> list[Row]:
     inputs = case.setup(device)
     results = {name: impl(*inputs) for name, impl in case.impls.items()}
@@ -141,6 +162,21 @@ def run_case(case: Case, device: str, budget_s: float) -> list[Row]:
     del inputs
     gc.collect()
     return rows
+
+
+def pytest_benchmark(benchmark, case: Case, impl: str, device: str):
+    """Times one implementation of one Case with pytest-benchmark (the suites under bench/)."""
+    inputs = case.setup(device)
+    fn = case.impls[impl]
+
+    def call():
+        out = fn(*inputs)
+        _sync(device)
+        return out
+
+    benchmark.group = f"{case.op} {case.shape}"
+    benchmark.extra_info["impl"] = impl
+    benchmark.pedantic(call, rounds=3, warmup_rounds=1, iterations=1)
 
 
 def machine_description(device: str) -> str:
@@ -239,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     import lossforge  # noqa: F401  (loads the ops)
 
     machine = machine_description(args.device)
+    machine += f", measured copy bandwidth {measured_bandwidth_gbs(args.device):.1f} GB/s"
     print(f"lossforge bench on {machine}", flush=True)
     rows: list[Row] = []
     for family in args.family or FAMILIES:

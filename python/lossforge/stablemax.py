@@ -248,19 +248,16 @@ def collapse_fraction(logits: torch.Tensor, target: torch.Tensor, loss: str = "s
     """
     fn = "collapse_fraction"
     cdim = _check_ce_args(logits, target, None, dim, ignore_index, "none", 0.0, fn)
-    valid = target != ignore_index
-    safe = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(cdim)
     with torch.no_grad():
+        x = logits.movedim(cdim, -1).reshape(-1, logits.shape[cdim])  # rows of classes
+        t = target.reshape(-1)
+        valid = t != ignore_index
         if loss == "softmax":
-            rows = torch.nn.functional.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none") \
-                if logits.dim() > 1 else torch.nn.functional.cross_entropy(logits, target, reduction="none")
+            rows = torch.nn.functional.cross_entropy(x, t, ignore_index=ignore_index, reduction="none")
         elif loss == "stablemax":
-            x = logits if logits.dim() > 1 else logits.unsqueeze(0)
-            c = cdim if logits.dim() > 1 else 1
             sx = torch.where(x >= 0, x + 1, 1 / (1 - x))
-            s_y = torch.gather(sx, c, safe if logits.dim() > 1 else safe.unsqueeze(0)).squeeze(c)
-            rows = torch.log(sx.sum(c)) - torch.log(s_y)
-            rows = rows if logits.dim() > 1 else rows.squeeze(0)
+            s_y = torch.gather(sx, 1, torch.where(valid, t, torch.zeros_like(t)).unsqueeze(1)).squeeze(1)
+            rows = torch.log(sx.sum(1)) - torch.log(s_y)
         else:
             raise ValueError(f"{fn}: loss must be 'softmax' or 'stablemax', got {loss!r}")
         zero = (rows == 0) & valid
@@ -289,9 +286,7 @@ def _chunk_loss_and_grads(hidden, weight, bias, target, class_weight, ignore_ind
     gb = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_grads and bias is not None else None
     for i in range(0, n, chunk):
         h = hidden[i:i + chunk]
-        logits = h @ weight.t()
-        if bias is not None:
-            logits = logits + bias
+        logits = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
         t = target[i:i + chunk]
         lrows, stats = ops.stablemax_cross_entropy(logits, t, class_weight, 1, ignore_index, label_smoothing)
         loss_rows[i:i + chunk] = lrows
@@ -300,8 +295,12 @@ def _chunk_loss_and_grads(hidden, weight, bias, target, class_weight, ignore_ind
             g = grad_rows if grad_rows.numel() == 1 else grad_rows[i:i + chunk].contiguous()
             glogits = ops.stablemax_cross_entropy_backward(g, logits, t, class_weight, stats, 1, ignore_index,
                                                            label_smoothing)
-            gh[i:i + chunk] = glogits @ weight
-            gw += (glogits.t() @ h).to(acc)
+            del logits
+            torch.matmul(glogits, weight, out=gh[i:i + chunk])
+            if gw.dtype == glogits.dtype:
+                gw.addmm_(glogits.t(), h)  # accumulate inside the GEMM (beta = 1)
+            else:
+                gw += (glogits.t() @ h).to(acc)
             if gb is not None:
                 gb += glogits.sum(0, dtype=acc)
     return loss_rows, wsum_rows, gh, gw, gb

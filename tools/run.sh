@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The README's two commands. Each sets up everything it needs on a fresh machine (a virtual
+# environment in .venv with torch and the test/bench dependencies, the compiled extension), then
+#   tools/run.sh bench [args]   runs the main job: `lossforge bench`, the side-by-side report
+#   tools/run.sh test  [args]   runs the test suite (pytest)
+# Environment: FORCE_CUDA=1|0 and TORCH_CUDA_ARCH_LIST (see setup.py), LOSSFORGE_VENV (default .venv),
+# LOSSFORGE_TORCH (pip requirement for torch, default "torch>=2.10").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+what=${1:-}
+case "$what" in
+  test|bench) shift ;;
+  *) echo "usage: tools/run.sh {test|bench} [args...]" >&2; exit 2 ;;
+esac
+
+venv=${LOSSFORGE_VENV:-.venv}
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+py="$venv/bin/python"
+pip_install() { "$py" -m pip install -q --disable-pip-version-check "$@"; }
+
+# The CUDA toolkit on these machines lives in /usr/local/cuda (the `nvcc` on PATH may be a wrapper).
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export CUDA_HOME=/usr/local/cuda
+fi
+# ccache (when installed) makes rebuilds take seconds; CCACHE_NOHASHDIR lets temp build dirs hit.
+export CCACHE_NOHASHDIR=1
+
+stamp="$venv/.lossforge-deps"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  pip_install --upgrade pip "setuptools>=64" wheel ninja
+  pip_install "${LOSSFORGE_TORCH:-torch>=2.10}" numpy
+  # the test and bench extras, then the Betti-Matching-3D reference build (its own deps are not needed)
+  pip_install pytest hypothesis scipy pot gudhi cripser networkx pytest-benchmark matplotlib
+  pip_install --no-deps topolosses
+  touch "$stamp"
+fi
+# Build the extension against the torch in the venv (no isolation: it must match) and install
+# lossforge in editable mode, so `lossforge` and `import lossforge` use this checkout.
+pip_install --no-build-isolation --no-deps -e .
+
+case "$what" in
+  test) exec "$py" -m pytest tests "$@" ;;
+  bench) exec "$venv/bin/lossforge" bench "$@" ;;
+esac
