@@ -350,7 +350,7 @@ def test_loss_matches_pure_reference(shape, filtration, gen, device):
 
 
 @pytest.mark.parametrize("shape", [(33, 31), (11, 10, 9)])
-def test_loss_matches_reference_build_coordinates(shape, gen, device):
+def test_loss_matches_reference_build_coordinates(shape, gen):
     """The topolosses formula (values of 1 - p gathered at the build's coordinates)."""
     p, t = pair(shape, gen, "smooth", "binary")
     f, g = 1 - p, 1 - t
@@ -364,8 +364,31 @@ def test_loss_matches_reference_build_coordinates(shape, gen, device):
                          + ((val(f, r.input1_matched_death_coordinates[k]) - val(g, r.input2_matched_death_coordinates[k])) ** 2).sum())
         expected += ((val(f, r.input1_unmatched_birth_coordinates[k]) - val(f, r.input1_unmatched_death_coordinates[k])) ** 2).sum()
         expected += ((val(g, r.input2_unmatched_birth_coordinates[k]) - val(g, r.input2_unmatched_death_coordinates[k])) ** 2).sum()
-    ours = lossforge.betti_matching_loss(p[None, None].to(device), t[None, None].to(device))
+    ours = lossforge.betti_matching_loss(p[None, None], t[None, None])
     assert abs(ours.item() - expected) <= 1e-9 * max(1.0, expected)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [(3, 2, 40, 37), (2, 1, 12, 11, 10)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_matches_cpu(shape, dtype, gen):
+    """CUDA inputs: the same pairs (one transfer each way), the loss and its gradient on the device."""
+    p, t = pair(shape, gen, "smooth", "binary", dtype)
+    for kw in ({}, {"filtration": "bothlevel", "relative": True, "dims": [0.5, 1.0, 2.0][: len(shape) - 2]}):
+        xc = p.clone().requires_grad_()
+        xg = p.cuda().requires_grad_()
+        lc = lossforge.betti_matching_loss(xc, t, **kw)
+        lg = lossforge.betti_matching_loss(xg, t.cuda(), **kw)
+        assert lg.device.type == "cuda"
+        torch.testing.assert_close(lg.cpu(), lc)
+        lc.backward()
+        lg.backward()
+        torch.testing.assert_close(xg.grad.cpu(), xc.grad)
+    rc = lossforge.betti_matching(p, t)
+    rg = lossforge.betti_matching(p.cuda(), t.cuda())
+    assert rg[0].pred_matched_birth[0].device.type == "cuda"
+    assert [as_sets(a, shape[2:]) for a in rc] == [as_sets(b, shape[2:]) for b in rg]
+    torch.testing.assert_close(lossforge.betti_number_error(p.cuda(), t.cuda()).cpu(), lossforge.betti_number_error(p, t))
 
 
 def distinct_probs(shape, gen, offset=0.5):

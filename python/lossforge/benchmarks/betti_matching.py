@@ -216,6 +216,29 @@ def _ref_loss(threads):
     return run
 
 
+def _torch_loss(pred, target):
+    """Our pairs, then the loss as torch indexing on the device (what a user would write around the
+    core): the baseline of the fused loss kernel on CUDA."""
+    x = pred.detach().requires_grad_()
+    N = x.shape[0] * x.shape[1]
+    f = (1 - x.detach()).reshape((N,) + tuple(x.shape[2:]))
+    g = (1 - target).reshape((N,) + tuple(x.shape[2:]))
+    fg = torch.stack([f, g]).cpu()
+    rows, _ = _OPS.betti_matching_pairs(fg[0].contiguous(), fg[1].contiguous(), False, True)
+    rows = rows.to(x.device)
+    V = f[0].numel()
+    p, t = x.reshape(-1), target.reshape(-1).to(x.dtype)
+    n, kind = rows[:, 0] // (3 * (x.dim() - 2)), rows[:, 0] % 3
+    at = lambda v, c: v[n * V + rows[:, c].clamp(min=0)]
+    m = 2 * ((at(p, 1) - at(t, 3)) ** 2 + (at(p, 2) - at(t, 4)) ** 2)
+    u = (at(p, 1) - at(p, 2)) ** 2
+    v = (at(t, 3) - at(t, 4)) ** 2
+    term = torch.where(kind == 0, m, torch.where(kind == 1, u, v))
+    loss = torch.zeros(N, dtype=x.dtype, device=x.device).index_add(0, n, term).mean()
+    loss.backward()
+    return loss.detach().double(), x.grad
+
+
 def _check_loss(results):
     loss, grad = results["lossforge"]
     for name, (other, ograd) in results.items():
@@ -245,12 +268,24 @@ def _matching_case(shape, threads) -> Case:
                 floor_ms=_floor_ms(n))
 
 
+def _have_reference_build() -> bool:
+    try:
+        reference_build()
+        return True
+    except (RuntimeError, ImportError):
+        return False
+
+
 def _loss_case(shape, threads, device) -> Case:
     def setup(dev):
         p, t = segmentation_pair(shape)
         return p.to(dev), t.to(dev)
 
-    impls = {"lossforge": _ours_loss(threads), "build + topolosses loss": _ref_loss(threads)}
+    impls = {"lossforge": _ours_loss(threads)}
+    if device.startswith("cuda"):
+        impls["core + torch indexing loss"] = _torch_loss
+    if _have_reference_build():
+        impls["build + topolosses loss"] = _ref_loss(threads)
     n = int(np.prod(shape))
     return Case(FAMILY, "betti_matching_loss fwd+bwd", _label(shape, threads), impls, setup, check=_check_loss,
                 floor_ms=_floor_ms(n))
