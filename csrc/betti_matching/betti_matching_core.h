@@ -396,11 +396,11 @@ inline void cofaces(const Geom<D>& g, u32 id, u32& t1, u32& t2) {
 // Dimension D-1 of one image by dual union-find over its codimension-1 cells (given in increasing
 // order). Marks the cells that merge (cleared: they never enter the dim-1 reduction).
 // With c_top (the comparison image's top-cell ranks) it also tracks each dual component's c-elder
-// and records, for every bar, the c-younger top cell at its birth: img_of_top[c-younger] = bar.
+// and records, for every bar, the c-younger top cell at its birth: (c-younger top cell, bar), sorted.
 template <int D>
 void top_pairs(const Geom<D>& g, const Ranks& rk, const std::vector<u32>& codim1, const std::vector<u32>& top,
                std::vector<Bar>& bars, std::vector<uint8_t>* cleared, const std::vector<u32>* c_top,
-               std::vector<u32>* img_of_top, std::vector<std::pair<u32, u32>>* death_tops) {
+               std::vector<std::pair<u32, u32>>* img_of_top, std::vector<std::pair<u32, u32>>* death_tops) {
   const u32* R = rk.rank.data();
   CellRanks<D> cr{g, R};
   const u32 T = g.T;
@@ -410,9 +410,15 @@ void top_pairs(const Geom<D>& g, const Ranks& rk, const std::vector<u32>& codim1
   if (c_top) {
     rep_c.resize(T + 1);
     std::iota(rep_c.begin(), rep_c.end(), 0u);
-    img_of_top->assign(T, kNone);
+    img_of_top->clear();
   }
   if (cleared) cleared->assign(codim1.size(), 0);
+  struct SortAtEnd {
+    std::vector<std::pair<u32, u32>>* v;
+    ~SortAtEnd() {
+      if (v) std::sort(v->begin(), v->end());
+    }
+  } sort_at_end{img_of_top};
   // a is the elder of two dual roots: the boundary, else the larger (rank, id)
   auto elder = [T](const u32* rt, u32 a, u32 b) {
     if (a == T) return true;
@@ -443,7 +449,7 @@ void top_pairs(const Geom<D>& g, const Ranks& rk, const std::vector<u32>& codim1
     const u32 rq = D == 2 ? cr.edge_rank(v, ax) : cr.face_rank(v, ax);
     if (rt[young] != rq) {
       const u32 bvox = D == 2 ? cr.edge_voxel(v, ax) : cr.face_voxel(v, ax);
-      if (rc) (*img_of_top)[c_young] = static_cast<u32>(bars.size());
+      if (rc) img_of_top->push_back({c_young, static_cast<u32>(bars.size())});
       if (death_tops) death_tops->push_back({young, static_cast<u32>(bars.size())});
       bars.push_back({bvox, top_voxel<D>(g, R, rt[young], young)});
     }
@@ -748,7 +754,7 @@ struct ImageState {
   std::vector<Bar> bars[D];         // own bars per dimension
   std::vector<uint8_t> matched[D];  // per bar (f and g)
   std::vector<u32> bar_of_vertex;   // dim 0: birth vertex -> bar (f, g)
-  std::vector<u32> img_top;         // dim D-1: c's top cell killed at a bar's birth -> bar (f, g)
+  std::vector<std::pair<u32, u32>> img_top;  // dim D-1: (c's top cell killed at a bar's birth, bar), sorted (f, g)
   std::vector<u32> edges;           // c: the edges the dim-0 matching sweep visits
   std::vector<std::pair<u32, u32>> death_tops;  // c: (dying top cell, bar) of each top-dim bar
   // 3D dimension 1
@@ -846,6 +852,9 @@ struct Instance {
       own_finish(which, matching, img[which].side[0]);
     }
   }
+
+  // After phase 2 of all three images: c's top-cell ranks are no longer needed.
+  void own_done() { std::vector<u32>().swap(img[2].top); }
 
   void own_race_setup(int which) {
     if constexpr (D == 3) {
@@ -954,13 +963,16 @@ struct Instance {
     ImageState<D>& C = img[2];
     // dim D-1: c's bars and the top cells they kill
     for (auto& tb : C.death_tops) {
-      const u32 pf = F.img_top[tb.first], pg = G.img_top[tb.first];
+      auto bar_at = [](const std::vector<std::pair<u32, u32>>& m, u32 t) {
+        auto it = std::lower_bound(m.begin(), m.end(), std::make_pair(t, u32(0)));
+        return it != m.end() && it->first == t ? it->second : kNone;
+      };
+      const u32 pf = bar_at(F.img_top, tb.first), pg = bar_at(G.img_top, tb.first);
       if (pf != kNone && pg != kNone) add_match(D - 1, pf, pg, C.bars[D - 1][tb.second].death);
     }
     std::vector<std::pair<u32, u32>>().swap(C.death_tops);
-    std::vector<u32>().swap(F.img_top);
-    std::vector<u32>().swap(G.img_top);
-    std::vector<u32>().swap(C.top);
+    std::vector<std::pair<u32, u32>>().swap(F.img_top);
+    std::vector<std::pair<u32, u32>>().swap(G.img_top);
     if (D == 3) {
       // dim 1: c's bar dying at face q matches the f and g bars born at the edges of q's image pairs
       auto bar_born_at = [](const std::vector<u32>& births, u32 e) {

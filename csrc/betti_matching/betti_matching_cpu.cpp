@@ -110,6 +110,7 @@ void run_matching(std::vector<std::unique_ptr<Instance<D, T>>>& inst, const char
       Instance<D, T>& in = *inst[n];
       for (int w = 0; w < 3; ++w) in.rank(w);
       for (int w = 0; w < 3; ++w) in.own(w, true);
+      in.own_done();
       in.image(0);
       in.image(1);
       in.match();
@@ -119,6 +120,7 @@ void run_matching(std::vector<std::unique_ptr<Instance<D, T>>>& inst, const char
   run_tasks(3 * N, op, [&](int64_t t) { inst[t / 3]->rank(static_cast<int>(t % 3)); });
   if (D == 2) {
     run_tasks(3 * N, op, [&](int64_t t) { inst[t / 3]->own(static_cast<int>(t % 3), true); });
+    for (auto& in : inst) in->own_done();
   } else {
     run_tasks(3 * N, op, [&](int64_t t) {
       Instance<D, T>& in = *inst[t / 3];
@@ -132,6 +134,7 @@ void run_matching(std::vector<std::unique_ptr<Instance<D, T>>>& inst, const char
       const int w = static_cast<int>(t % 3);
       in.own_finish(w, true, in.img[w].side[in.img[w].winner.load()]);
     });
+    for (auto& in : inst) in->own_done();
     run_tasks(2 * N, op, [&](int64_t t) { inst[t / 2]->image_race_setup(static_cast<int>(t % 2)); });
     race_tasks<D, T>(inst, {0, 1}, op);
     run_tasks(2 * N, op, [&](int64_t t) {
