@@ -479,40 +479,42 @@ struct DimOneSide {
   u32 ncols = 0;
   bool cohomology = false;
 
-  u64 edge_key(u32 v, int a) const {
-    const u32 r = std::max(R[v], R[v + static_cast<u32>(g->vs[a])]);
-    return (u64(r) << 32) | (u64(v) * 3 + static_cast<u64>(a));
-  }
-  u64 face_key(u32 v, int normal) const {
-    int b, c;
-    Geom<3>::spanned(normal, b, c);
-    const u32 sb = static_cast<u32>(g->vs[b]), sc = static_cast<u32>(g->vs[c]);
-    const u32 r = std::max(std::max(R[v], R[v + sb]), std::max(R[v + sc], R[v + sb + sc]));
-    return ~((u64(r) << 32) | (u64(v) * 3 + static_cast<u64>(normal)));
-  }
   u32 row(u64 key) const { return static_cast<u32>((cohomology ? ~key : key) & 0xFFFFFFFFu); }
-  // The entries of column cell `cell`; returns their number.
+  // The entries of column cell `cell`; returns their number. Each vertex rank is loaded once.
   int entries(u32 cell, u64* k) const {
     const u32 v = cell / 3;
     const int a = static_cast<int>(cell % 3);
     if (!cohomology) {  // boundary of face (v, normal a), spanning b < c
       int b, c;
       Geom<3>::spanned(a, b, c);
-      k[0] = edge_key(v, b);
-      k[1] = edge_key(v + static_cast<u32>(g->vs[c]), b);
-      k[2] = edge_key(v, c);
-      k[3] = edge_key(v + static_cast<u32>(g->vs[b]), c);
+      const u32 sb = static_cast<u32>(g->vs[b]), sc = static_cast<u32>(g->vs[c]);
+      const u32 r00 = R[v], r10 = R[v + sb], r01 = R[v + sc], r11 = R[v + sb + sc];
+      const u64 eb = static_cast<u64>(b), ec = static_cast<u64>(c);
+      k[0] = (u64(std::max(r00, r10)) << 32) | (u64(v) * 3 + eb);
+      k[1] = (u64(std::max(r01, r11)) << 32) | (u64(v + sc) * 3 + eb);
+      k[2] = (u64(std::max(r00, r01)) << 32) | (u64(v) * 3 + ec);
+      k[3] = (u64(std::max(r10, r11)) << 32) | (u64(v + sb) * 3 + ec);
       return 4;
     }
     // coboundary of edge (v, axis a): for each other axis c the faces spanning a and c at v, v - e_c
     int64_t x[3];
     g->coords(v, x);
+    const u32 sa = static_cast<u32>(g->vs[a]);
+    const u32 base = std::max(R[v], R[v + sa]);
     int n = 0;
     for (int c = 0; c < 3; ++c) {
       if (c == a) continue;
-      const int normal = 3 - a - c;
-      if (x[c] + 1 < g->n[c]) k[n++] = face_key(v, normal);
-      if (x[c] >= 1) k[n++] = face_key(v - static_cast<u32>(g->vs[c]), normal);
+      const u64 normal = static_cast<u64>(3 - a - c);
+      const u32 sc = static_cast<u32>(g->vs[c]);
+      if (x[c] + 1 < g->n[c]) {
+        const u32 r = std::max(base, std::max(R[v + sc], R[v + sa + sc]));
+        k[n++] = ~((u64(r) << 32) | (u64(v) * 3 + normal));
+      }
+      if (x[c] >= 1) {
+        const u32 u = v - sc;
+        const u32 r = std::max(base, std::max(R[u], R[u + sa]));
+        k[n++] = ~((u64(r) << 32) | (u64(u) * 3 + normal));
+      }
     }
     return n;
   }
@@ -672,8 +674,9 @@ struct DimOneReducer {
   }
 };
 
-// Races the two formulations; returns the finished one (the other is released). Both first get a
-// small budget (half a pass over the columns); then the side whose remaining work looks smaller
+// Races the two formulations; returns the finished one (the other is released). The first side
+// (the one that usually wins) gets ~1.5 scans of its columns, the other half a scan; then the side
+// whose remaining work looks smaller
 // advances by as much as it has spent so far (doubling). Remaining work is extrapolated from the
 // side's latest advance (its work per column there; an advance that finished no column counts as
 // at least that much per remaining column), since columns get costlier towards the end. A side
@@ -705,7 +708,8 @@ inline DimOneReducer* race(DimOneReducer& a, DimOneReducer& b) {
   const u64 b0 = race_budget(a, b);
   RaceSide sa{&a}, sb{&b};
   DimOneReducer* done = nullptr;
-  if (sa.advance(b0)) done = &a;
+  // `a` is the side that usually wins: it may finish within ~1.5 scans of its columns alone
+  if (sa.advance(3 * b0)) done = &a;
   else if (sb.advance(b0)) done = &b;
   while (!done) {
     RaceSide* x = sa.remaining() <= sb.remaining() ? &sa : &sb;
@@ -846,12 +850,20 @@ struct Instance {
     own_pre(which, matching);
     if (D == 3) {
       own_race_setup(which);
-      DimOneReducer* win = race(img[which].side[0], img[which].side[1]);
+      const int first = own_first_side(which);
+      DimOneReducer* win = race(img[which].side[first], img[which].side[1 - first]);
       own_finish(which, matching, *win);
     } else {
       own_finish(which, matching, img[which].side[0]);
     }
   }
+
+  // The side of a dimension-1 race (0 homology, 1 cohomology) that usually needs less work: the
+  // cohomology form for the own reductions of f and g and for f's image pairs, the homology form for
+  // c and for g's image pairs (typical of segmentation data: a continuous f, a binary g). Only the
+  // order of the race depends on it, never the result.
+  static int own_first_side(int which) { return which == 2 ? 0 : 1; }
+  static int image_first_side(int which) { return which == 0 ? 1 : 0; }
 
   // After phase 2 of all three images: c's top-cell ranks are no longer needed.
   void own_done() { std::vector<u32>().swap(img[2].top); }
@@ -938,7 +950,8 @@ struct Instance {
   void image(int which) {
     if (D != 3) return;
     image_race_setup(which);
-    image_finish(which, *race(img[which].side[0], img[which].side[1]));
+    const int first = image_first_side(which);
+    image_finish(which, *race(img[which].side[first], img[which].side[1 - first]));
   }
 
   bool keep(u32 fb, u32 gb, u32 cdeath) const {
