@@ -199,11 +199,13 @@ def _check_no_nan(x, name):
         raise ValueError(f"{name} contains NaN")
 
 
-def _check_device(x, name):
+def _check_device(x, name, needs_kernels=False):
+    """CPU or CUDA. Only the loss runs kernels on the device; the rest returns device tensors
+    computed from the CPU core."""
     if x.device.type == "cpu":
         return
     if x.device.type == "cuda":
-        if not cuda_kernels_loaded():
+        if needs_kernels and not cuda_kernels_loaded():
             raise RuntimeError(
                 f"{name} is a CUDA tensor but lossforge was built without its CUDA kernels "
                 "(rebuild with FORCE_CUDA=1, or move the inputs to the CPU)"
@@ -303,6 +305,7 @@ def persistence_barcode(image, filtration: str = "superlevel", include_essential
     _check_tensor(image, "image")
     _check_choice(filtration, "filtration", ("superlevel", "sublevel"))
     D = _check_images(image, "image", None)
+    _check_device(image, "image")
     _check_no_nan(image, "image")
     batched = image.dim() == D + 2
     spatial = tuple(image.shape[-D:])
@@ -428,7 +431,7 @@ def betti_matching_loss(
         raise TypeError(f"pred must be a floating-point tensor of probabilities, got {pred.dtype}")
     D = _check_images(pred, "pred", True)
     _check_pair(pred, target)
-    _check_device(pred, "pred")
+    _check_device(pred, "pred", needs_kernels=True)
     _check_no_nan(pred, "pred")
     _check_no_nan(target, "target")
     B, C = pred.shape[:2]

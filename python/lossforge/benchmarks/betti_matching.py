@@ -306,7 +306,8 @@ def cases(device: str, full: bool) -> list[Case]:
     batch = (16, 1, 128, 128)
     out.append(_matching_case(batch, 1))
     out.append(_matching_case(batch, None))
-    out.append(_matching_case((1, 1, 48, 48, 48) if not full else (1, 1, 64, 64, 64), None))
+    for s in (singles if full else [(1, 1, 48, 48, 48)]):
+        out.append(_matching_case(s, None))
     out.append(_loss_case((1, 1, 256, 256), 1, device))
     out.append(_loss_case(batch, None, device))
     return out
