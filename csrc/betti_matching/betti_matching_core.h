@@ -674,9 +674,8 @@ struct DimOneReducer {
   }
 };
 
-// Races the two formulations; returns the finished one (the other is released). The first side
-// (the one that usually wins) gets ~1.5 scans of its columns, the other half a scan; then the side
-// whose remaining work looks smaller
+// Races the two formulations; returns the finished one (the other is released). Both first get
+// about half a scan of their columns; then the side whose remaining work looks smaller
 // advances by as much as it has spent so far (doubling). Remaining work is extrapolated from the
 // side's latest advance (its work per column there; an advance that finished no column counts as
 // at least that much per remaining column), since columns get costlier towards the end. A side
@@ -708,8 +707,7 @@ inline DimOneReducer* race(DimOneReducer& a, DimOneReducer& b) {
   const u64 b0 = race_budget(a, b);
   RaceSide sa{&a}, sb{&b};
   DimOneReducer* done = nullptr;
-  // `a` is the side that usually wins: it may finish within ~1.5 scans of its columns alone
-  if (sa.advance(3 * b0)) done = &a;
+  if (sa.advance(b0)) done = &a;
   else if (sb.advance(b0)) done = &b;
   while (!done) {
     RaceSide* x = sa.remaining() <= sb.remaining() ? &sa : &sb;
@@ -850,20 +848,12 @@ struct Instance {
     own_pre(which, matching);
     if (D == 3) {
       own_race_setup(which);
-      const int first = own_first_side(which);
-      DimOneReducer* win = race(img[which].side[first], img[which].side[1 - first]);
+      DimOneReducer* win = race(img[which].side[0], img[which].side[1]);
       own_finish(which, matching, *win);
     } else {
       own_finish(which, matching, img[which].side[0]);
     }
   }
-
-  // The side of a dimension-1 race (0 homology, 1 cohomology) that usually needs less work: the
-  // cohomology form for the own reductions of f and g and for f's image pairs, the homology form for
-  // c and for g's image pairs (typical of segmentation data: a continuous f, a binary g). Only the
-  // order of the race depends on it, never the result.
-  static int own_first_side(int which) { return which == 2 ? 0 : 1; }
-  static int image_first_side(int which) { return which == 0 ? 1 : 0; }
 
   // After phase 2 of all three images: c's top-cell ranks are no longer needed.
   void own_done() { std::vector<u32>().swap(img[2].top); }
@@ -950,8 +940,7 @@ struct Instance {
   void image(int which) {
     if (D != 3) return;
     image_race_setup(which);
-    const int first = image_first_side(which);
-    image_finish(which, *race(img[which].side[first], img[which].side[1 - first]));
+    image_finish(which, *race(img[which].side[0], img[which].side[1]));
   }
 
   bool keep(u32 fb, u32 gb, u32 cdeath) const {
