@@ -14,14 +14,16 @@
 //   dim D-1:     dual union-find on top cells (squares / cubes) plus one boundary node over the
 //                codimension-1 cells in decreasing order; the younger root (smaller (rank, id))
 //                dies. The faces that merge are cleared from the dim-1 reduction (3D).
-//   dim 1 (3D):  column reduction of the 2-cells left after clearing, rows = edges; a column whose
-//                largest face is still free is paired at once (emergent / apparent pair),
-//                the others are reduced by sorted merges and kept for later additions;
-//                homology and cohomology formulations race (see DimOneReducer).
-//   image:       the same three algorithms with the columns ordered by c and the rows by f
-//                (or g): dim 0 by a union-find over c's edges that also tracks each component's
-//                f-elder and g-elder, dim D-1 by f's dual union-find that also tracks the c-elder,
-//                dim 1 by reducing c's columns with f's row order.
+//   dim 1 (3D):  sparse column reduction over Z/2 of the boundary matrix (faces x edges) with
+//                clearing, in two forms that race (see DimOneReducer): homology (the faces left
+//                after the dual union-find, in increasing order) and cohomology (the edges left
+//                after the dim-0 union-find, in decreasing order). A column whose pivot is still
+//                free is paired at once (apparent pair); the others are reduced by sorted merges
+//                and kept for later additions.
+//   image:       the same algorithms with the columns ordered by c and the rows by f (or g):
+//                dim 0 by a union-find over c's edges that also tracks each component's f-elder
+//                and g-elder, dim D-1 by f's dual union-find that also tracks the c-elder, dim 1
+//                by the boundary matrix with c-ordered columns and f-ordered rows.
 //   matching:    an f-bar and a g-bar match when their image bars reach the same c-bar.
 //
 // Critical coordinates: a cell's vertex attaining its value; ties go to the largest linear index

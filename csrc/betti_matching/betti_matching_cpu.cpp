@@ -67,8 +67,9 @@ void check_images(const Tensor& x, const char* op, const char* arg) {
   for (int64_t i = 1; i < x.dim(); ++i)
     STD_TORCH_CHECK(x.size(i) >= 1, op, ": ", arg, " has an empty spatial dimension");
   const int64_t V = x.numel() / std::max<int64_t>(x.size(0), 1);
-  // cell ids are uint32: 3 edges per voxel must fit
-  STD_TORCH_CHECK(V < (int64_t(1) << 32) / 3, op, ": ", arg, " has too many pixels per image (", V, ")");
+  // cell ids (3 per voxel) must stay below 2^31: the dim-1 reduction tags its entries with the top bit
+  STD_TORCH_CHECK(V < (int64_t(1) << 31) / 3, op, ": ", arg, " has too many pixels per image (", V,
+                  "; at most ", (int64_t(1) << 31) / 3 - 1, ")");
 }
 
 // The dimension-1 races of images `which` of every instance, two tasks per race (one per side).
