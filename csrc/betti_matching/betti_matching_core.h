@@ -31,7 +31,6 @@
 #pragma once
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -721,19 +720,6 @@ inline DimOneReducer* race(DimOneReducer& a, DimOneReducer& b) {
   return done;
 }
 
-// One side of a race run as its own task beside the other (threads to spare): it advances in
-// chunks until it finishes or the other side has won. Whichever wins, the pairs are the same.
-inline void run_race_side(DimOneReducer& r, std::atomic<int>& winner, int id, u64 chunk) {
-  while (winner.load(std::memory_order_relaxed) < 0) {
-    if (r.advance(chunk)) {
-      int expected = -1;
-      winner.compare_exchange_strong(expected, id);
-      break;
-    }
-  }
-  if (winner.load() != id) r.release();
-}
-
 // The pivot pairs (edge, face) of a finished reduction, calling f(edge, face).
 template <typename F>
 void for_each_pair(const DimOneReducer& r, F&& f) {
@@ -767,9 +753,8 @@ struct ImageState {
   std::vector<u32> birth_edges;     // f, g: birth edge of each dim-1 bar (bars sorted by it)
   std::vector<std::pair<u32, u32>> face_bars;  // c: (death face, bar) of each dim-1 bar, by face
   std::vector<u32> img_edge;        // f, g: per entry of c's face_bars, the edge of its image pair
-  // a dimension-1 race run as two tasks (own bars, then the image pairs)
+  // the two sides of a dimension-1 race (own bars, then the image pairs)
   DimOneReducer side[2];
-  std::atomic<int> winner{-1};
 };
 
 // f and g (and c = min(f, g)) of one instance, and the matching between f's and g's bars.
@@ -866,7 +851,6 @@ struct Instance {
       const u32* R = s.rk.rank.data();
       s.side[0].reset({&geom, R, s.hom_cols.data(), static_cast<u32>(s.hom_cols.size()), false});
       s.side[1].reset({&geom, R, s.pos_edges.data(), static_cast<u32>(s.pos_edges.size()), true});
-      s.winner.store(-1);
     }
   }
 
@@ -923,7 +907,6 @@ struct Instance {
       const ImageState<D>& C = img[2];
       s.side[0].reset({&geom, s.rk.rank.data(), C.hom_cols.data(), static_cast<u32>(C.hom_cols.size()), false});
       s.side[1].reset({&geom, C.rk.rank.data(), s.pos_edges.data(), static_cast<u32>(s.pos_edges.size()), true});
-      s.winner.store(-1);
     }
   }
 

@@ -72,18 +72,6 @@ void check_images(const Tensor& x, const char* op, const char* arg) {
                   "; at most ", (int64_t(1) << 31) / 3 - 1, ")");
 }
 
-// The dimension-1 races of images `which` of every instance, two tasks per race (one per side).
-template <int D, typename T>
-void race_tasks(std::vector<std::unique_ptr<Instance<D, T>>>& inst, std::initializer_list<int> which, const char* op) {
-  std::vector<int> ws(which);
-  const int64_t per = static_cast<int64_t>(ws.size()) * 2;
-  run_tasks(static_cast<int64_t>(inst.size()) * per, op, [&](int64_t t) {
-    ImageState<D>& s = inst[t / per]->img[ws[(t % per) / 2]];
-    const int id = static_cast<int>(t % 2);
-    run_race_side(s.side[id], s.winner, id, race_budget(s.side[0], s.side[1]) / 8 + 1024);
-  });
-}
-
 template <typename T>
 void check_finite(const T* p, int64_t n, const char* op, const char* arg) {
   std::atomic<int64_t> bad{-1};
@@ -98,10 +86,10 @@ void check_finite(const T* p, int64_t n, const char* op, const char* arg) {
   STD_TORCH_CHECK(bad.load() < 0, op, ": ", arg, " contains NaN (at flat index ", bad.load(), ")");
 }
 
-// Phases over a batch: with many instances (or one thread) each task runs one whole instance, its
-// dimension-1 races run side after side (memory stays per thread). With few instances and threads
-// to spare the phases run one after another, one task per (instance, image), and each 3D
-// dimension-1 race runs its two sides as two tasks at once (the first to finish wins).
+// Phases over a batch: with many instances (or one thread) each task runs one whole instance
+// (memory stays per thread). With few instances and threads to spare the phases run one after
+// another with one task per (instance, image): ranks, own bars (3D: each with its dimension-1
+// race), image pairs (3D), matching.
 template <int D, typename T>
 void run_matching(std::vector<std::unique_ptr<Instance<D, T>>>& inst, const char* op) {
   const int64_t N = static_cast<int64_t>(inst.size());
@@ -119,31 +107,10 @@ void run_matching(std::vector<std::unique_ptr<Instance<D, T>>>& inst, const char
     return;
   }
   run_tasks(3 * N, op, [&](int64_t t) { inst[t / 3]->rank(static_cast<int>(t % 3)); });
-  if (D == 2) {
-    run_tasks(3 * N, op, [&](int64_t t) { inst[t / 3]->own(static_cast<int>(t % 3), true); });
-    for (auto& in : inst) in->own_done();
-  } else {
-    run_tasks(3 * N, op, [&](int64_t t) {
-      Instance<D, T>& in = *inst[t / 3];
-      const int w = 2 - static_cast<int>(t % 3);
-      in.own_pre(w, true);
-      in.own_race_setup(w);
-    });
-    race_tasks<D, T>(inst, {2, 0, 1}, op);
-    run_tasks(3 * N, op, [&](int64_t t) {
-      Instance<D, T>& in = *inst[t / 3];
-      const int w = static_cast<int>(t % 3);
-      in.own_finish(w, true, in.img[w].side[in.img[w].winner.load()]);
-    });
-    for (auto& in : inst) in->own_done();
-    run_tasks(2 * N, op, [&](int64_t t) { inst[t / 2]->image_race_setup(static_cast<int>(t % 2)); });
-    race_tasks<D, T>(inst, {0, 1}, op);
-    run_tasks(2 * N, op, [&](int64_t t) {
-      Instance<D, T>& in = *inst[t / 2];
-      const int w = static_cast<int>(t % 2);
-      in.image_finish(w, in.img[w].side[in.img[w].winner.load()]);
-    });
-  }
+  // f first: its race is usually the longest, c's next
+  run_tasks(3 * N, op, [&](int64_t t) { inst[t / 3]->own(static_cast<int>(t % 3) == 0 ? 0 : 3 - static_cast<int>(t % 3), true); });
+  for (auto& in : inst) in->own_done();
+  if (D == 3) run_tasks(2 * N, op, [&](int64_t t) { inst[t / 2]->image(static_cast<int>(t % 2)); });
   run_tasks(N, op, [&](int64_t n) { inst[n]->match(); });
 }
 
