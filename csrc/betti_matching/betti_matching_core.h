@@ -349,9 +349,13 @@ void sort_faces(const Geom<D>&, const Ranks&, std::vector<u32>&) {}
 // Dimension 0 of one image by union-find over its edges (increasing order). Optionally: the bar
 // of each birth vertex, the edges that do not merge (in decreasing order: the columns of the
 // dim-1 cohomology reduction) and the edges that do (in increasing order).
+inline void set_bit(std::vector<u64>& bits, u32 i) { bits[i >> 6] |= u64(1) << (i & 63); }
+inline bool get_bit(const u64* bits, u32 i) { return (bits[i >> 6] >> (i & 63)) & 1; }
+
 template <int D>
 void dim0_pairs(const Geom<D>& g, const Ranks& rk, const std::vector<u32>& edges, std::vector<Bar>& bars,
-                std::vector<u32>* bar_of_vertex, std::vector<u32>* positive, std::vector<u32>* merging) {
+                std::vector<u32>* bar_of_vertex, std::vector<u32>* positive, std::vector<u32>* merging,
+                std::vector<u64>* merged_bits = nullptr) {
   const u32* R = rk.rank.data();
   CellRanks<D> cr{g, R};
   std::vector<u32> parent(g.V);
@@ -359,6 +363,7 @@ void dim0_pairs(const Geom<D>& g, const Ranks& rk, const std::vector<u32>& edges
   if (bar_of_vertex) bar_of_vertex->assign(g.V, kNone);
   if (positive) positive->clear();
   if (merging) merging->clear();
+  if (merged_bits) merged_bits->assign((static_cast<size_t>(g.V) * D + 63) / 64, 0);
   for (u32 id : edges) {
     const u32 v = id / D;
     const int a = static_cast<int>(id % D);
@@ -369,6 +374,7 @@ void dim0_pairs(const Geom<D>& g, const Ranks& rk, const std::vector<u32>& edges
       continue;
     }
     if (merging) merging->push_back(id);
+    if (merged_bits) set_bit(*merged_bits, id);
     const bool v_elder = R[rv] < R[rw] || (R[rv] == R[rw] && rv < rw);
     const u32 young = v_elder ? rw : rv, old = v_elder ? rv : rw;
     parent[young] = old;
@@ -401,7 +407,8 @@ inline void cofaces(const Geom<D>& g, u32 id, u32& t1, u32& t2) {
 template <int D>
 void top_pairs(const Geom<D>& g, const Ranks& rk, const std::vector<u32>& codim1, const std::vector<u32>& top,
                std::vector<Bar>& bars, std::vector<uint8_t>* cleared, const std::vector<u32>* c_top,
-               std::vector<std::pair<u32, u32>>* img_of_top, std::vector<std::pair<u32, u32>>* death_tops) {
+               std::vector<std::pair<u32, u32>>* img_of_top, std::vector<std::pair<u32, u32>>* death_tops,
+               std::vector<u64>* cleared_bits = nullptr) {
   const u32* R = rk.rank.data();
   CellRanks<D> cr{g, R};
   const u32 T = g.T;
@@ -414,6 +421,7 @@ void top_pairs(const Geom<D>& g, const Ranks& rk, const std::vector<u32>& codim1
     img_of_top->clear();
   }
   if (cleared) cleared->assign(codim1.size(), 0);
+  if (cleared_bits) cleared_bits->assign((static_cast<size_t>(g.V) * D + 63) / 64, 0);
   struct SortAtEnd {
     std::vector<std::pair<u32, u32>>* v;
     ~SortAtEnd() {
@@ -435,6 +443,7 @@ void top_pairs(const Geom<D>& g, const Ranks& rk, const std::vector<u32>& codim1
     const u32 r1 = uf_find(parent.data(), t1), r2 = uf_find(parent.data(), t2);
     if (r1 == r2) continue;
     if (cleared) (*cleared)[k] = 1;
+    if (cleared_bits) set_bit(*cleared_bits, id);
     const bool first_elder = elder(rt, r1, r2);
     const u32 young = first_elder ? r2 : r1, old = first_elder ? r1 : r2;
     parent[young] = old;
@@ -479,42 +488,57 @@ struct DimOneSide {
   const u32* cols = nullptr;  // column cells (faces or edges) in column order
   u32 ncols = 0;
   bool cohomology = false;
+  // Rows that are never pivots (bitset over row cells), left out of every column: a row that is
+  // never a pivot is, in every lower-left submatrix, a combination of the rows below it, so no rank
+  // and no pivot pair changes without it. Homology: the edges that merged in dimension 0 (of the
+  // image that orders the rows); cohomology: the faces that merged dual components (of c for the
+  // image pairs). About a third of every column. Required (all-zero when nothing is skipped).
+  const u64* skip = nullptr;
 
   u32 row(u64 key) const { return static_cast<u32>((cohomology ? ~key : key) & 0xFFFFFFFFu); }
-  // The entries of column cell `cell`; returns their number. Each vertex rank is loaded once.
-  int entries(u32 cell, u64* k) const {
+  // The entries of column cell `cell` that are not skipped; returns their number. Each vertex rank
+  // is loaded once.
+  __attribute__((always_inline)) inline int entries(u32 cell, u64* k) const {
     const u32 v = cell / 3;
     const int a = static_cast<int>(cell % 3);
+    int n = 0;
     if (!cohomology) {  // boundary of face (v, normal a), spanning b < c
       int b, c;
       Geom<3>::spanned(a, b, c);
       const u32 sb = static_cast<u32>(g->vs[b]), sc = static_cast<u32>(g->vs[c]);
       const u32 r00 = R[v], r10 = R[v + sb], r01 = R[v + sc], r11 = R[v + sb + sc];
-      const u64 eb = static_cast<u64>(b), ec = static_cast<u64>(c);
-      k[0] = (u64(std::max(r00, r10)) << 32) | (u64(v) * 3 + eb);
-      k[1] = (u64(std::max(r01, r11)) << 32) | (u64(v + sc) * 3 + eb);
-      k[2] = (u64(std::max(r00, r01)) << 32) | (u64(v) * 3 + ec);
-      k[3] = (u64(std::max(r10, r11)) << 32) | (u64(v + sb) * 3 + ec);
-      return 4;
+      const u32 e0 = v * 3 + static_cast<u32>(b), e1 = (v + sc) * 3 + static_cast<u32>(b);
+      const u32 e2 = v * 3 + static_cast<u32>(c), e3 = (v + sb) * 3 + static_cast<u32>(c);
+      // branch-free: write every key, keep it by advancing n (the skip bits are unpredictable)
+      k[n] = (u64(std::max(r00, r10)) << 32) | e0;
+      n += !get_bit(skip, e0);
+      k[n] = (u64(std::max(r01, r11)) << 32) | e1;
+      n += !get_bit(skip, e1);
+      k[n] = (u64(std::max(r00, r01)) << 32) | e2;
+      n += !get_bit(skip, e2);
+      k[n] = (u64(std::max(r10, r11)) << 32) | e3;
+      n += !get_bit(skip, e3);
+      return n;
     }
     // coboundary of edge (v, axis a): for each other axis c the faces spanning a and c at v, v - e_c
     int64_t x[3];
     g->coords(v, x);
     const u32 sa = static_cast<u32>(g->vs[a]);
     const u32 base = std::max(R[v], R[v + sa]);
-    int n = 0;
     for (int c = 0; c < 3; ++c) {
       if (c == a) continue;
-      const u64 normal = static_cast<u64>(3 - a - c);
+      const u32 normal = static_cast<u32>(3 - a - c);
       const u32 sc = static_cast<u32>(g->vs[c]);
-      if (x[c] + 1 < g->n[c]) {
-        const u32 r = std::max(base, std::max(R[v + sc], R[v + sa + sc]));
-        k[n++] = ~((u64(r) << 32) | (u64(v) * 3 + normal));
+      if (x[c] + 1 < g->n[c]) {  // (inside the grid: predictable)
+        const u32 q = v * 3 + normal;
+        k[n] = ~((u64(std::max(base, std::max(R[v + sc], R[v + sa + sc]))) << 32) | q);
+        n += !get_bit(skip, q);
       }
       if (x[c] >= 1) {
         const u32 u = v - sc;
-        const u32 r = std::max(base, std::max(R[u], R[u + sa]));
-        k[n++] = ~((u64(r) << 32) | (u64(u) * 3 + normal));
+        const u32 q = u * 3 + normal;
+        k[n] = ~((u64(std::max(base, std::max(R[u], R[u + sa]))) << 32) | q);
+        n += !get_bit(skip, q);
       }
     }
     return n;
@@ -750,6 +774,8 @@ struct ImageState {
   // 3D dimension 1
   std::vector<u32> pos_edges;       // edges that did not merge in dim 0, decreasing (cohomology columns)
   std::vector<u32> hom_cols;        // faces that did not merge dual components, increasing (homology columns)
+  std::vector<u64> neg_edges;       // bitset: edges that merged in dim 0 (never dim-1 pivot rows)
+  std::vector<u64> pos_faces;       // bitset: faces that merged dual components (never pivot rows)
   std::vector<u32> birth_edges;     // f, g: birth edge of each dim-1 bar (bars sorted by it)
   std::vector<std::pair<u32, u32>> face_bars;  // c: (death face, bar) of each dim-1 bar, by face
   std::vector<u32> img_edge;        // f, g: per entry of c's face_bars, the edge of its image pair
@@ -813,13 +839,13 @@ struct Instance {
     } else {
       std::vector<Bar> c_bars0;
       dim0_pairs<D>(geom, s.rk, edges, is_c ? c_bars0 : s.bars[0], image ? &s.bar_of_vertex : nullptr, &s.pos_edges,
-                    is_c ? &s.edges : nullptr);
+                    is_c ? &s.edges : nullptr, &s.neg_edges);
       std::vector<u32>().swap(edges);
       std::vector<u32>& faces = s.hom_cols;
       sort_faces(geom, s.rk, faces);
       std::vector<uint8_t> cleared;
       top_pairs<D>(geom, s.rk, faces, s.top, s.bars[2], &cleared, image ? &img[2].top : nullptr,
-                   image ? &s.img_top : nullptr, is_c ? &s.death_tops : nullptr);
+                   image ? &s.img_top : nullptr, is_c ? &s.death_tops : nullptr, &s.pos_faces);
       size_t k = 0;
       for (size_t q = 0; q < faces.size(); ++q)
         if (!cleared[q]) faces[k++] = faces[q];
@@ -849,8 +875,8 @@ struct Instance {
     if constexpr (D == 3) {
       ImageState<D>& s = img[which];
       const u32* R = s.rk.rank.data();
-      s.side[0].reset({&geom, R, s.hom_cols.data(), static_cast<u32>(s.hom_cols.size()), false});
-      s.side[1].reset({&geom, R, s.pos_edges.data(), static_cast<u32>(s.pos_edges.size()), true});
+      s.side[0].reset({&geom, R, s.hom_cols.data(), static_cast<u32>(s.hom_cols.size()), false, s.neg_edges.data()});
+      s.side[1].reset({&geom, R, s.pos_edges.data(), static_cast<u32>(s.pos_edges.size()), true, s.pos_faces.data()});
     }
   }
 
@@ -860,8 +886,16 @@ struct Instance {
     const bool is_c = which == 2;
     if (D == 3) {
       dim1_bars(s, which, win);
-      if (!is_c) std::vector<u32>().swap(s.hom_cols);  // c keeps them for the image reductions
-      if (is_c || !matching) std::vector<u32>().swap(s.pos_edges);
+      // for the image reductions c keeps its columns and positive faces, f and g their positive
+      // (column) and negative (never pivot) edges
+      if (!is_c || !matching) {
+        std::vector<u32>().swap(s.hom_cols);
+        std::vector<u64>().swap(s.pos_faces);
+      }
+      if (is_c || !matching) {
+        std::vector<u32>().swap(s.pos_edges);
+        std::vector<u64>().swap(s.neg_edges);
+      }
     }
     if (!is_c)
       for (int k = 0; k < D; ++k) s.matched[k].assign(s.bars[k].size(), 0);
@@ -905,8 +939,10 @@ struct Instance {
     if constexpr (D == 3) {
       ImageState<D>& s = img[which];
       const ImageState<D>& C = img[2];
-      s.side[0].reset({&geom, s.rk.rank.data(), C.hom_cols.data(), static_cast<u32>(C.hom_cols.size()), false});
-      s.side[1].reset({&geom, C.rk.rank.data(), s.pos_edges.data(), static_cast<u32>(s.pos_edges.size()), true});
+      s.side[0].reset({&geom, s.rk.rank.data(), C.hom_cols.data(), static_cast<u32>(C.hom_cols.size()), false,
+                       s.neg_edges.data()});
+      s.side[1].reset({&geom, C.rk.rank.data(), s.pos_edges.data(), static_cast<u32>(s.pos_edges.size()), true,
+                       C.pos_faces.data()});
     }
   }
 
@@ -920,6 +956,7 @@ struct Instance {
     });
     win.release();
     std::vector<u32>().swap(s.pos_edges);
+    std::vector<u64>().swap(s.neg_edges);
   }
 
   void image(int which) {
@@ -978,6 +1015,7 @@ struct Instance {
       std::vector<u32>().swap(G.birth_edges);
       std::vector<std::pair<u32, u32>>().swap(C.face_bars);
       std::vector<u32>().swap(C.hom_cols);
+      std::vector<u64>().swap(C.pos_faces);
     }
     // dim 0: union-find over c's edges that also tracks each component's f-elder and g-elder
     const u32 V = geom.V;
