@@ -17,6 +17,12 @@ from .stablemax import (  # noqa: E402
 )
 
 # Sliced Wasserstein
+from .sliced_wasserstein import (  # noqa: E402,F401
+    distributional_sliced_wasserstein,
+    max_sliced_wasserstein,
+    sliced_wasserstein,
+    vmf_sample,
+)
 
 # Betti matching
 from .betti_matching import (  # noqa: E402,F401
@@ -30,7 +36,17 @@ from .betti_matching import (  # noqa: E402,F401
 )
 
 # M-FAC
+from . import mfac  # noqa: E402,F401  (lossforge.mfac.StaticIHVP, BlockIHVP, SlidingWindowIHVP)
 
 # PamC
+from .pamc import (  # noqa: E402
+    PamCGraph,
+    SBMGraph,
+    influence_matrix,
+    pairwise_contrastive_loss,
+    pamc_loss,
+    prepare_graph,
+    stochastic_block_model,
+)
 
 from . import nn, optim  # noqa: E402,F401

@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-FAMILIES = ("stablemax", "betti_matching")
+FAMILIES = ("stablemax", "sliced_wasserstein", "betti_matching", "mfac", "pamc")
 
 
 @dataclasses.dataclass
@@ -130,14 +130,16 @@ _BANDWIDTH: dict[str, float] = {}
 
 
 def measured_bandwidth_gbs(device: str) -> float:
-    """Memory bandwidth of this device measured now (GB/s): a large tensor copy reads and writes its
-    bytes once each. Families use it to state each kernel's floor (bytes moved / bandwidth)."""
+    """Memory bandwidth of this device measured now (GB/s), the better of a streaming read (a sum)
+    and a copy (which reads and writes its bytes once each), over 1 GiB so that no cache holds it.
+    Families use it to state each kernel's floor (bytes moved / bandwidth)."""
     if device not in _BANDWIDTH:
-        n = (1 << 28) if device.startswith("cuda") else (1 << 26)  # 1 GiB / 256 MiB of float32
-        src = torch.ones(n, device=device)
+        src = torch.ones(1 << 28, device=device)  # 1 GiB of float32
+        nbytes = src.numel() * 4
+        read = nbytes / (time_ms(lambda: src.sum(), device, budget_s=0.5) * 1e-3)
         dst = torch.empty_like(src)
-        ms = time_ms(lambda: dst.copy_(src), device, budget_s=0.5)
-        _BANDWIDTH[device] = 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+        copy = 2 * nbytes / (time_ms(lambda: dst.copy_(src), device, budget_s=0.5) * 1e-3)
+        _BANDWIDTH[device] = max(read, copy) / 1e9
         del src, dst
     return _BANDWIDTH[device]
 
@@ -155,11 +157,12 @@ def run_case(case: Case, device: str, budget_s: float) -> list[Row]:
     del results
     rows = []
     for name, impl in case.impls.items():
-        call = lambda: impl(*inputs)  # noqa: E731
+        def call(impl=impl):
+            return impl(*inputs)
+
         ms = time_ms(call, device, budget_s)
         mb = peak_extra_mb(call, device)
         rows.append(Row(case.family, case.op, case.shape, name, ms, mb, name == case.ours, case.floor_ms))
-    del inputs
     gc.collect()
     return rows
 
@@ -228,11 +231,13 @@ def format_text(lines: list[list[str]]) -> str:
     return "\n".join([fmt.format(*HEADER), fmt.format(*["-" * w for w in widths])] + [fmt.format(*l) for l in lines])
 
 
-def format_markdown(lines: list[list[str]], machine: str, command: str) -> str:
-    md = [f"# lossforge bench", "", f"- machine: {machine}", f"- date: {datetime.date.today()}",
+def format_markdown(lines: list[list[str]], machine: str, command: str, notes: list[str] = ()) -> str:
+    md = ["# lossforge bench", "", f"- machine: {machine}", f"- date: {datetime.date.today()}",
           f"- command: `{command}`", "- peak MB: extra memory at the peak of one call (CPU: resident set; "
           "CUDA: allocator)", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     md += ["| " + " | ".join(l) + " |" for l in lines]
+    if notes:
+        md += ["", "Notes:"] + [f"- {n}" for n in notes]
     return "\n".join(md) + "\n"
 
 
@@ -275,22 +280,27 @@ def main(argv: list[str] | None = None) -> int:
     import lossforge  # noqa: F401  (loads the ops)
 
     machine = machine_description(args.device)
-    machine += f", measured copy bandwidth {measured_bandwidth_gbs(args.device):.1f} GB/s"
+    machine += f", measured memory bandwidth {measured_bandwidth_gbs(args.device):.1f} GB/s"
     print(f"lossforge bench on {machine}", flush=True)
     rows: list[Row] = []
+    notes: list[str] = []
     for family in args.family or FAMILIES:
         module = importlib.import_module(f"lossforge.benchmarks.{family}")
         for case in module.cases(args.device, args.full):
             print(f"  {case.family}: {case.op} {case.shape} ...", flush=True)
             rows.extend(run_case(case, args.device, args.budget))
+            if case.note:
+                notes.append(f"{case.family} {case.op} {case.shape}: {case.note}")
     lines = table(rows)
     print()
     print(format_text(lines))
+    for note in notes:
+        print(f"note: {note}")
     os.makedirs(args.out, exist_ok=True)
     stem = args.name or f"latest-{args.device.split(':')[0]}"
     command = "lossforge bench " + " ".join(argv if argv is not None else sys.argv[2:])
     with open(os.path.join(args.out, stem + ".md"), "w") as f:
-        f.write(format_markdown(lines, machine, command.strip()))
+        f.write(format_markdown(lines, machine, command.strip(), notes))
     plot(lines, os.path.join(args.out, stem + ".png"), machine)
     print(f"\nwrote {os.path.join(args.out, stem)}.md and .png")
     return 0

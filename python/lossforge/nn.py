@@ -35,6 +35,115 @@ class StableMaxCrossEntropyLoss(torch.nn.Module):
                 f"label_smoothing={self.label_smoothing}, dim={self.dim}")
 
 # Sliced Wasserstein
+from .sliced_wasserstein import (  # noqa: E402
+    _check_count,
+    _check_p,
+    _check_reduction,
+    sliced_wasserstein as _sliced_wasserstein,
+    vmf_sample as _vmf_sample,
+)
+
+
+class EfficientAttentionAmortizer(torch.nn.Module):
+    """Efficient self-attention pooling of a point cloud into one vector, linear in the number of points:
+
+        g(X) = mean_i softmax_features(Q_i) (softmax_points(K)^T V),   Q, K = X W_q, X W_k [N, d_k],  V = X W_v [N, d]
+
+    Permutation invariant (the softmax over points is equivariant and the mean pools it away).
+    """
+
+    def __init__(self, dim: int, d_k: int = 64):
+        super().__init__()
+        self.query = torch.nn.Linear(dim, d_k)
+        self.key = torch.nn.Linear(dim, d_k)
+        self.value = torch.nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., N, d] -> [..., d]
+        q = torch.softmax(self.query(x), dim=-1)
+        k = torch.softmax(self.key(x), dim=-2)
+        context = k.transpose(-1, -2) @ self.value(x)  # [..., d_k, d]
+        return (q.mean(dim=-2).unsqueeze(-2) @ context).squeeze(-2)
+
+
+class AmortizedSlicedWasserstein(torch.nn.Module):
+    """Amortized v-DSW (Nguyen, Nguyen, Ho, ICML 2023): an amortizer f(X, Y) -> eps in S^{d-1} replaces the
+    per-pair ascent of v-DSW; the loss uses L projections theta ~ vMF(eps, kappa).
+
+    f(X, Y) = normalise((g(X) + g(Y)) / 2) with the efficient self-attention pooling g shared by both
+    clouds: symmetric in X and Y, invariant to permuting their points, linear in N (and N != M is fine).
+
+    Use:
+        sw = lossforge.nn.AmortizedSlicedWasserstein(3, kappa=10.0, n_projections=100)
+        loss = sw(x, y)                  # [B, N, 3], [B, M, 3]: gradients reach x and y (eps is a constant)
+        loss.backward(); model_opt.step()
+        sw.amortizer_step(x, y)          # one ascent step of the amortizer on the v-DSW objective
+
+    forward returns sliced_wasserstein(x, y, ...) with the vMF projections around f(x, y) (root and
+    reduction as in lossforge.sliced_wasserstein); weights, if given, weight the points in the distance
+    (the amortizer pools the points uniformly).
+    """
+
+    def __init__(self, dim: int, kappa: float, n_projections: int = 100, amortizer: str = "efficient_attention", *,
+                 p: float = 2.0, d_k: int = 64, root: bool = True, reduction: str = "mean",
+                 amortizer_lr: float = 1e-3):
+        super().__init__()
+        dim = _check_count(dim, "dim", minimum=2)
+        self.n_projections = _check_count(n_projections, "n_projections")
+        if amortizer != "efficient_attention":
+            raise ValueError(f"amortizer must be 'efficient_attention', got {amortizer!r}")
+        if not (float(kappa) >= 0 and float(kappa) < float("inf")):
+            raise ValueError(f"kappa must be finite and >= 0, got {kappa}")
+        _check_reduction(reduction)
+        self.dim = dim
+        self.kappa = float(kappa)
+        self.p = _check_p(p)
+        self.root = root
+        self.reduction = reduction
+        self.amortizer_lr = amortizer_lr
+        self.amortizer = EfficientAttentionAmortizer(dim, _check_count(d_k, "d_k"))
+        self._optimizer = None
+
+    def direction(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """eps = f(x, y): [d] for single clouds [N, d], [B, d] for batches [B, N, d]."""
+        for name, t in (("x", x), ("y", y)):
+            if not isinstance(t, torch.Tensor) or t.dim() not in (2, 3) or t.shape[-1] != self.dim:
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name} must be [N, {self.dim}] or [B, N, {self.dim}], got {shape}")
+        a = 0.5 * (self.amortizer(x) + self.amortizer(y))
+        return a / a.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
+
+    def _projections(self, eps: torch.Tensor, generator) -> torch.Tensor:
+        return _vmf_sample(eps, self.kappa, self.n_projections, generator).transpose(-1, -2).contiguous()
+
+    def forward(self, x, y, x_weights=None, y_weights=None, generator=None) -> torch.Tensor:
+        with torch.no_grad():
+            eps = self.direction(x.detach(), y.detach())
+            proj = self._projections(eps, generator)
+        return _sliced_wasserstein(x, y, x_weights, y_weights, p=self.p, projections=proj, root=self.root,
+                                   reduction=self.reduction)
+
+    def objective(self, x, y, x_weights=None, y_weights=None, generator=None) -> torch.Tensor:
+        """The v-DSW objective at eps = f(x, y), mean over pairs; differentiable w.r.t. the amortizer only."""
+        x, y = x.detach(), y.detach()
+        wx = None if x_weights is None else x_weights.detach()
+        wy = None if y_weights is None else y_weights.detach()
+        proj = self._projections(self.direction(x, y), generator)  # reparameterised: gradients reach f
+        return _sliced_wasserstein(x, y, wx, wy, p=self.p, projections=proj, root=True, reduction="mean")
+
+    def amortizer_step(self, x, y, x_weights=None, y_weights=None, optimizer=None, generator=None) -> float:
+        """One ascent step of the amortizer on the objective (Adam with `amortizer_lr` unless an optimizer
+        over the amortizer's parameters is given). Returns the objective before the step; the amortizer's
+        gradients are cleared afterwards so they never leak into the model's optimizer."""
+        if optimizer is None:
+            if self._optimizer is None:
+                self._optimizer = torch.optim.Adam(self.amortizer.parameters(), lr=self.amortizer_lr)
+            optimizer = self._optimizer
+        optimizer.zero_grad(set_to_none=True)
+        value = self.objective(x, y, x_weights, y_weights, generator)
+        (-value).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(value.detach())
 
 # Betti matching
 class BettiMatchingLoss(torch.nn.Module):
@@ -98,3 +207,32 @@ class DiceBettiMatchingLoss(torch.nn.Module):
 
 
 # PamC
+from . import pamc as _pamc  # noqa: E402
+
+
+class PamCLoss(torch.nn.Module):
+    """`lossforge.pamc_loss` as a module. The graph is validated and laid out once and reused for as
+    long as the same edge tensors (unchanged in place) are passed: a training loop pays for it once.
+
+    >>> loss_fn = lossforge.nn.PamCLoss(tau=1.0)
+    >>> loss = loss_fn(z, edge_index, edge_weight, assignment=q)
+    """
+
+    def __init__(self, tau: float = 1.0, soft: bool = False, reduction: str = "mean",
+                 num_clusters: int | None = None):
+        super().__init__()
+        _pamc._check_tau(tau, "PamCLoss")
+        _pamc._check_reduction(reduction, "PamCLoss")
+        self.tau, self.soft, self.reduction, self.num_clusters = float(tau), soft, reduction, num_clusters
+        self._graphs = _pamc.GraphCache()
+
+    def forward(self, z: torch.Tensor, edge_index, edge_weight: torch.Tensor | None = None,
+                assignment: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(z, torch.Tensor) and z.dim() == 2:
+            edge_index = self._graphs.get(z, edge_index, edge_weight, "PamCLoss")
+            edge_weight = None
+        return _pamc.pamc_loss(z, edge_index, edge_weight, assignment=assignment, tau=self.tau, soft=self.soft,
+                               reduction=self.reduction, num_clusters=self.num_clusters)
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau}, soft={self.soft}, reduction={self.reduction!r}"

@@ -63,3 +63,177 @@ class OrthoGrad(torch.optim.Optimizer):
         return f"OrthoGrad({self.base_optimizer!r})"
 
 # M-FAC
+from .mfac import SlidingWindowIHVP as _MFACWindow  # noqa: E402
+from ._ops import ops as _ops  # noqa: E402
+
+
+class MFAC(torch.optim.Optimizer):
+    """The M-FAC optimizer (Frantar, Kurtic, Alistarh, NeurIPS 2021): preconditioned SGD with the inverse of
+    the empirical Fisher of the last `ngrads` gradients, F = damp I + (1/s) sum g g^T, over all parameters
+    together (one window for the concatenated parameter vector).
+
+    Per step, with the official code's semantics: g = grad + weight_decay * p; u = F^-1 g (after g joined
+    the window); v = momentum v + (1 - momentum) u when momentum > 0; p -= lr * (v or u). lr, momentum
+    and weight_decay may differ per parameter group.
+
+    The step is two passes over the gradient buffer (lossforge.mfac.SlidingWindowIHVP): pass 1 writes g
+    into the buffer and computes G g; pass 2 computes F^-1 g and updates the parameters in the same sweep.
+    No flattened copy of the parameters or gradients is made. With bfloat16 storage the step
+    preconditions g as stored (g.bfloat16()), see SlidingWindowIHVP.update_mul.
+
+    Extra keyword arguments: storage_dtype (torch.bfloat16 halves the buffer and the bytes moved),
+    warmup ("scaled": s = min(steps, ngrads); "zeros": the official zero-filled buffer, s = ngrads),
+    refactor_every (float64 refactor period of the m x m factor), process_group (a torch.distributed
+    group: each rank keeps the buffer for its contiguous share of the concatenated parameters, updates
+    that share, and the shares are all-gathered after each step; every rank must see the same gradients,
+    e.g. after DDP's all-reduce).
+    """
+
+    def __init__(self, params, lr: float = 1e-3, ngrads: int = 1024, damp: float = 1e-5, momentum: float = 0.0,
+                 weight_decay: float = 0.0, *, storage_dtype: torch.dtype | None = None, warmup: str = "scaled",
+                 refactor_every: int = 64, process_group=None):
+        for name, value in (("lr", lr), ("weight_decay", weight_decay)):
+            if not (isinstance(value, (int, float)) and value >= 0):
+                raise ValueError(f"{name} must be a float >= 0, got {value!r}")
+        if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        self._frozen = False
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        self._frozen = True
+        plist = [p for g in self.param_groups for p in g["params"]]
+        dtypes = {p.dtype for p in plist}
+        devices = {p.device for p in plist}
+        if len(dtypes) != 1 or next(iter(dtypes)) not in (torch.float32, torch.float64):
+            raise TypeError(f"MFAC: all parameters must be float32, or all float64, got {sorted(map(str, dtypes))}")
+        if len(devices) != 1:
+            raise ValueError(f"MFAC: all parameters must be on one device, got {sorted(map(str, devices))}")
+        for i, p in enumerate(plist):
+            if not p.is_contiguous():
+                raise ValueError(f"MFAC: parameter {i} (shape {tuple(p.shape)}) is not contiguous; "
+                                 "the update is written in place, so parameters must be contiguous")
+        self.dtype, self.device = dtypes.pop(), devices.pop()
+        self.ngrads, self.damp = ngrads, damp
+        self.process_group = process_group
+        total = sum(p.numel() for p in plist)
+        if process_group is not None:
+            import torch.distributed as dist
+
+            self._rank, self._world = dist.get_rank(process_group), dist.get_world_size(process_group)
+        else:
+            self._rank, self._world = 0, 1
+        if total < self._world:
+            raise ValueError(f"MFAC: {total} parameters cannot be sharded over {self._world} ranks")
+        self._bounds = [total * q // self._world for q in range(self._world + 1)]
+        self._pieces = [self._pieces_of(q) for q in range(self._world)]
+        lo, hi = self._bounds[self._rank], self._bounds[self._rank + 1]
+        self._window = _MFACWindow(hi - lo, ngrads, damp, self.dtype, self.device, storage_dtype, warmup=warmup,
+                                   refactor_every=refactor_every, process_group=process_group)
+        self._momentum_buffer = None
+        self._sync_state()
+
+    def add_param_group(self, param_group):
+        if getattr(self, "_frozen", False):
+            raise RuntimeError("MFAC: parameter groups cannot be added after construction (the window spans "
+                               "a fixed parameter vector)")
+        super().add_param_group(param_group)
+
+    def _pieces_of(self, q: int):
+        """[(group index, param index, start, end, local column)] of rank q's share [lo, hi)."""
+        lo, hi = self._bounds[q], self._bounds[q + 1]
+        out, a = [], 0
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                n = p.numel()
+                s, e = max(lo, a), min(hi, a + n)
+                if s < e:
+                    out.append((gi, pi, s - a, e - a, s - lo))
+                a += n
+        return out
+
+    def _sync_state(self):
+        self.state["mfac"] = {"window": self._window.state_dict(), "momentum_buffer": self._momentum_buffer}
+
+    def state_dict(self):
+        self._sync_state()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        saved = self.state.get("mfac")
+        if not isinstance(saved, dict) or "window" not in saved:
+            raise ValueError("MFAC.load_state_dict: the state_dict holds no M-FAC window (not saved by lossforge.optim.MFAC)")
+        self._window.load_state_dict(saved["window"])
+        buf = saved.get("momentum_buffer")
+        if buf is None:
+            self._momentum_buffer = None
+        else:
+            if buf.shape != (self._window.dim,):
+                raise ValueError(f"MFAC.load_state_dict: momentum_buffer must have shape [{self._window.dim}]")
+            self._momentum_buffer = buf.to(device=self.device, dtype=self.dtype, copy=True)
+        self._sync_state()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        win = self._window
+        # This rank's share as per-group segments of parameter and gradient views (no copies).
+        segments = []
+        for gi, group in enumerate(self.param_groups):
+            ps, gs, col, n = [], [], None, 0
+            for (g_i, pi, s, e, c) in self._pieces[self._rank]:
+                if g_i != gi:
+                    continue
+                p = group["params"][pi]
+                grad = p.grad
+                if grad is None:
+                    grad = torch.zeros_like(p)
+                elif grad.is_sparse:
+                    raise RuntimeError("MFAC does not support sparse gradients")
+                grad = grad.contiguous()
+                if grad.dtype != self.dtype:
+                    raise TypeError(f"MFAC: a gradient is {grad.dtype}, expected {self.dtype}")
+                ps.append(p.view(-1)[s:e])
+                gs.append(grad.view(-1)[s:e])
+                col = c if col is None else col
+                n += e - s
+            if n:
+                segments.append((col, n, gs, ps, group))
+        t = win._insert([(col, n, gs, ps if group["weight_decay"] > 0 else [], group["weight_decay"])
+                         for col, n, gs, ps, group in segments])
+        b = win._solve(t)
+        G = win.G[: win._rows()]
+        if self._momentum_buffer is None and any(g["momentum"] > 0 for g in self.param_groups):
+            self._momentum_buffer = torch.zeros(win.dim, dtype=self.dtype, device=self.device)
+            self._sync_state()
+        for col, n, gs, ps, group in segments:
+            Gs = G if n == win.dim else G.narrow(1, col, n)
+            mom = float(group["momentum"])
+            buf = self._momentum_buffer.narrow(0, col, n) if mom > 0 else None
+            _ops.mfac_step_(Gs, b, ps, gs, buf, -1.0 / self.damp, 1.0 / self.damp, float(group["lr"]),
+                            float(group["weight_decay"]), mom)
+        if self._world > 1:
+            self._all_gather_params()
+        return loss
+
+    def _all_gather_params(self):
+        import torch.distributed as dist
+
+        def views(q):
+            return [self.param_groups[gi]["params"][pi].view(-1)[s:e] for gi, pi, s, e, _ in self._pieces[q]]
+
+        width = max(self._bounds[q + 1] - self._bounds[q] for q in range(self._world))
+        mine = torch.zeros(width, dtype=self.dtype, device=self.device)
+        n = self._bounds[self._rank + 1] - self._bounds[self._rank]
+        torch.cat(views(self._rank), out=mine[:n])
+        outs = [torch.empty_like(mine) for _ in range(self._world)]
+        dist.all_gather(outs, mine, group=self.process_group)
+        for q in range(self._world):
+            if q == self._rank:
+                continue
+            off = 0
+            for v in views(q):
+                v.copy_(outs[q][off: off + v.numel()])
+                off += v.numel()
