@@ -32,6 +32,22 @@ STABLE_TORCH_LIBRARY(lossforge, m) {
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // ---- Betti matching (csrc/betti_matching) ----------------------------------------------------
+  // f, g: [N, H, W] or [N, D, H, W] float32/float64 sublevel-filtration values (f = 1 - p for the
+  // superlevel filtration of probabilities). Returns (rows [P, 5] int64, counts [N, D, 3] int64):
+  // row = (segment, f birth, f death, g birth, g death) with segment = (n*D + k)*3 + kind, kind 0 a
+  // matched pair, 1 an unmatched f bar (g columns -1), 2 an unmatched g bar (f columns -1); pixel
+  // indices are flat within one image; rows are grouped by instance, then dimension, then kind.
+  // strict: match only through non-empty image bars. include_target_unmatched: emit kind-2 rows.
+  m.def("betti_matching_pairs(Tensor f, Tensor g, bool strict, bool include_target_unmatched) -> (Tensor, Tensor)");
+  // Persistence pairs of x ([N, H, W] or [N, D, H, W], sublevel): (rows [P, 3] = (n*D + k, birth
+  // pixel, death pixel), counts [N, D]); include_essential adds the H0 bar with death pixel -1.
+  m.def("persistence_pairs(Tensor x, bool include_essential) -> (Tensor, Tensor)");
+  // Per-instance loss [N] over the rows of betti_matching_pairs (pred, target: [N, V] probabilities;
+  // weights: float64 [D, 3] per dimension and kind), and its gradient w.r.t. pred ([N, V]).
+  m.def("betti_matching_loss_rows(Tensor pred, Tensor target, Tensor rows, Tensor weights) -> Tensor");
+  m.def(
+      "betti_matching_loss_rows_backward(Tensor grad, Tensor pred, Tensor target, Tensor rows, Tensor weights) "
+      "-> Tensor");
 
   // ---- M-FAC (csrc/mfac) -----------------------------------------------------------------------
   // G [m, d]: the gradient buffer (float32, float64 or bfloat16; rows contiguous). Vectors use the compute

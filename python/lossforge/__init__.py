@@ -25,6 +25,15 @@ from .sliced_wasserstein import (  # noqa: E402,F401
 )
 
 # Betti matching
+from .betti_matching import (  # noqa: E402,F401
+    BettiMatchingResult,
+    PersistenceBarcode,
+    betti_matching,
+    betti_matching_error,
+    betti_matching_loss,
+    betti_number_error,
+    persistence_barcode,
+)
 
 # M-FAC
 from . import mfac  # noqa: E402,F401  (lossforge.mfac.StaticIHVP, BlockIHVP, SlidingWindowIHVP)

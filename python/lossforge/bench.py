@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-FAMILIES = ("stablemax", "sliced_wasserstein", "mfac", "pamc")
+FAMILIES = ("stablemax", "sliced_wasserstein", "betti_matching", "mfac", "pamc")
 
 
 @dataclasses.dataclass

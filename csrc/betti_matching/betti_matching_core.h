@@ -1,0 +1,1105 @@
+// The combinatorial core of the Betti matching family: persistence pairs of the V-construction
+// cubical complex of 2D and 3D images (sublevel filtration) and the induced matching between two
+// images f and g through their comparison image c = min(f, g).
+//
+// Pure C++ (no torch): flat uint32 arrays, one rank array per image, counting sorts, union-find.
+//
+// Order of cells (bit-parity with the Betti-Matching-3D reference): cells of one dimension are
+// ordered by (value, id), where the id packs the lower corner in C order and then the cell type
+// (the axis of an edge, the normal axis of a 3D face). A vertex value's rank (dense, ties share a
+// rank) replaces the value everywhere, so a cell's key is (max rank of its vertices, id).
+//
+//   dim 0:       union-find on vertices over the edges in increasing order; the younger root
+//                (larger (rank, vertex)) dies.
+//   dim D-1:     dual union-find on top cells (squares / cubes) plus one boundary node over the
+//                codimension-1 cells in decreasing order; the younger root (smaller (rank, id))
+//                dies. The faces that merge are cleared from the dim-1 reduction (3D).
+//   dim 1 (3D):  sparse column reduction over Z/2 of the boundary matrix (faces x edges) with
+//                clearing, in two forms that race (see DimOneReducer): homology (the faces left
+//                after the dual union-find, in increasing order) and cohomology (the edges left
+//                after the dim-0 union-find, in decreasing order). A column whose pivot is still
+//                free is paired at once (apparent pair); the others are reduced by sorted merges
+//                and kept for later additions.
+//   image:       the same algorithms with the columns ordered by c and the rows by f (or g):
+//                dim 0 by a union-find over c's edges that also tracks each component's f-elder
+//                and g-elder, dim D-1 by f's dual union-find that also tracks the c-elder, dim 1
+//                by the boundary matrix with c-ordered columns and f-ordered rows.
+//   matching:    an f-bar and a g-bar match when their image bars reach the same c-bar.
+//
+// Critical coordinates: a cell's vertex attaining its value; ties go to the largest linear index
+// for edges and faces/squares and to the smallest linear index for 3D cubes (as the reference).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <numeric>
+#include <stdexcept>
+#include <utility>
+#include <vector>
+
+namespace lossforge {
+namespace betti_matching {
+
+using u32 = uint32_t;
+using u64 = uint64_t;
+constexpr u32 kNone = 0xFFFFFFFFu;
+
+// ---------------------------------------------------------------------------------------------
+// Ranks: an order-preserving integer key per value, LSD radix sort (stable, so ties keep the
+// vertex order), then dense ranks.
+
+inline u32 order_key(float v) {
+  if (v == 0.0f) v = 0.0f;  // -0 == +0
+  u32 u;
+  std::memcpy(&u, &v, 4);
+  return (u >> 31) ? ~u : (u | 0x80000000u);
+}
+inline u64 order_key(double v) {
+  if (v == 0.0) v = 0.0;
+  u64 u;
+  std::memcpy(&u, &v, 8);
+  return (u >> 63) ? ~u : (u | 0x8000000000000000ull);
+}
+
+struct Ranks {
+  std::vector<u32> rank;  // per vertex
+  u32 nranks = 0;         // number of distinct values
+  u32 elder = 0;          // vertex with the smallest (value, index): the essential H0 class
+};
+
+template <typename T>
+void compute_ranks(const T* values, u32 V, Ranks& out) {
+  using K = decltype(order_key(T()));
+  constexpr int kBits = 11, kBuckets = 1 << kBits;
+  constexpr int kPasses = (8 * static_cast<int>(sizeof(K)) + kBits - 1) / kBits;
+  std::vector<K> keys(V), keys2(V);
+  std::vector<u32> idx(V), idx2(V);
+  std::vector<u32> hist(static_cast<size_t>(kPasses) * kBuckets, 0);
+  for (u32 i = 0; i < V; ++i) {
+    const K k = order_key(values[i]);
+    keys[i] = k;
+    idx[i] = i;
+    for (int b = 0; b < kPasses; ++b) hist[b * kBuckets + ((k >> (kBits * b)) & (kBuckets - 1))]++;
+  }
+  for (int b = 0; b < kPasses; ++b) {
+    u32* h = hist.data() + static_cast<size_t>(b) * kBuckets;
+    bool trivial = false;
+    for (int d = 0; d < kBuckets; ++d)
+      if (h[d] == V) trivial = true;
+    if (trivial) continue;  // every key has the same digit: the pass would not move anything
+    u32 sum = 0;
+    for (int d = 0; d < kBuckets; ++d) {
+      const u32 c = h[d];
+      h[d] = sum;
+      sum += c;
+    }
+    for (u32 i = 0; i < V; ++i) {
+      const u32 pos = h[(keys[i] >> (kBits * b)) & (kBuckets - 1)]++;
+      keys2[pos] = keys[i];
+      idx2[pos] = idx[i];
+    }
+    keys.swap(keys2);
+    idx.swap(idx2);
+  }
+  out.rank.resize(V);
+  u32 r = 0;
+  for (u32 i = 0; i < V; ++i) {
+    if (i > 0 && keys[i] != keys[i - 1]) ++r;
+    out.rank[idx[i]] = r;
+  }
+  out.nranks = V ? r + 1 : 0;
+  out.elder = V ? idx[0] : 0;
+}
+
+// Exact n / d for 32-bit n by a multiply and a shift (Lemire, Kaser & Kurz 2019: with
+// M = ceil(2^64 / d), n / d = (M * n) >> 64 for every 32-bit n).
+struct FastDiv {
+  u64 M = 0;
+  u32 d = 1;
+  FastDiv() = default;
+  explicit FastDiv(u32 divisor) : M(divisor > 1 ? ~u64(0) / divisor + 1 : 0), d(divisor) {}
+  u32 div(u32 n) const {
+    if (d == 1) return n;
+    return static_cast<u32>((static_cast<unsigned __int128>(M) * n) >> 64);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Geometry of a D-dimensional grid (D = 2 or 3). Vertex ids are C-order linear indices; edge ids
+// are v*D + axis; 3D face ids are v*3 + normal axis; top cells (squares / cubes) are numbered in
+// C order over the (n_i - 1) grid, and the boundary node of the dual graph is T.
+
+template <int D>
+struct Geom {
+  int64_t n[3] = {1, 1, 1}, m[3] = {0, 0, 0}, vs[3] = {0, 0, 0}, ts[3] = {0, 0, 0};
+  u32 V = 0, T = 0;
+  FastDiv div_row, div_plane;  // by n[D-1] and (3D) by n[1] * n[2]
+
+  explicit Geom(const int64_t* sizes) {
+    for (int i = 0; i < D; ++i) {
+      n[i] = sizes[i];
+      m[i] = sizes[i] - 1;
+    }
+    int64_t s = 1, t = 1;
+    for (int i = D - 1; i >= 0; --i) {
+      vs[i] = s;
+      ts[i] = t;
+      s *= n[i];
+      t *= m[i];
+    }
+    V = static_cast<u32>(s);
+    T = static_cast<u32>(t);
+    div_row = FastDiv(static_cast<u32>(n[D - 1]));
+    if (D == 3) div_plane = FastDiv(static_cast<u32>(n[1] * n[2]));
+  }
+  // 32-bit divisions (much cheaper than 64-bit ones on the hot paths)
+  void coords(u32 v, int64_t* c) const {
+    if (D == 2) {
+      const u32 x = div_row.div(v);
+      c[0] = x;
+      c[1] = v - x * static_cast<u32>(n[1]);
+    } else {
+      const u32 x = div_plane.div(v);
+      const u32 r = v - x * static_cast<u32>(n[1] * n[2]);
+      const u32 y = div_row.div(r);
+      c[0] = x;
+      c[1] = y;
+      c[2] = r - y * static_cast<u32>(n[2]);
+    }
+  }
+  int64_t top_id(const int64_t* c) const {
+    int64_t t = 0;
+    for (int i = 0; i < D; ++i) t += c[i] * ts[i];
+    return t;
+  }
+  // Calls f(edge id, lower vertex, axis) for every edge in increasing id order.
+  template <typename F>
+  void for_each_edge(F&& f) const {
+    if (D == 2) {
+      u32 v = 0;
+      for (int64_t x = 0; x < n[0]; ++x)
+        for (int64_t y = 0; y < n[1]; ++y, ++v) {
+          if (x + 1 < n[0]) f(v * 2 + 0, v, 0);
+          if (y + 1 < n[1]) f(v * 2 + 1, v, 1);
+        }
+    } else {
+      u32 v = 0;
+      for (int64_t x = 0; x < n[0]; ++x)
+        for (int64_t y = 0; y < n[1]; ++y)
+          for (int64_t z = 0; z < n[2]; ++z, ++v) {
+            if (x + 1 < n[0]) f(v * 3 + 0, v, 0);
+            if (y + 1 < n[1]) f(v * 3 + 1, v, 1);
+            if (z + 1 < n[2]) f(v * 3 + 2, v, 2);
+          }
+    }
+  }
+  // 3D only: f(face id, lower vertex, normal axis) for every 2-cell in increasing id order.
+  template <typename F>
+  void for_each_face(F&& f) const {
+    u32 v = 0;
+    for (int64_t x = 0; x < n[0]; ++x)
+      for (int64_t y = 0; y < n[1]; ++y)
+        for (int64_t z = 0; z < n[2]; ++z, ++v) {
+          const bool bx = x + 1 < n[0], by = y + 1 < n[1], bz = z + 1 < n[2];
+          if (by && bz) f(v * 3 + 0, v, 0);
+          if (bx && bz) f(v * 3 + 1, v, 1);
+          if (bx && by) f(v * 3 + 2, v, 2);
+        }
+  }
+  // The two axes spanned by a 3D face with normal axis a, in increasing order.
+  static void spanned(int a, int& b, int& c) {
+    b = a == 0 ? 1 : 0;
+    c = a == 2 ? 1 : 2;
+  }
+};
+
+// Rank of a cell (max over its vertices) and its critical vertex.
+template <int D>
+struct CellRanks {
+  const Geom<D>& g;
+  const u32* R;
+  u32 edge_rank(u32 v, int a) const { return std::max(R[v], R[v + g.vs[a]]); }
+  // Critical vertex of an edge: the upper vertex on a tie.
+  u32 edge_voxel(u32 v, int a) const {
+    const u32 w = static_cast<u32>(v + g.vs[a]);
+    return R[w] >= R[v] ? w : v;
+  }
+  u32 face_rank(u32 v, int a) const {
+    int b, c;
+    Geom<D>::spanned(a, b, c);
+    const u32 sb = static_cast<u32>(g.vs[b]), sc = static_cast<u32>(g.vs[c]);
+    return std::max(std::max(R[v], R[v + sb]), std::max(R[v + sc], R[v + sb + sc]));
+  }
+  // Critical vertex of a 3D face: the largest linear index among the vertices attaining the max.
+  u32 face_voxel(u32 v, int a) const {
+    int b, c;
+    Geom<D>::spanned(a, b, c);
+    const u32 sb = static_cast<u32>(g.vs[b]), sc = static_cast<u32>(g.vs[c]);
+    const u32 cand[4] = {v + sb + sc, v + sb, v + sc, v};
+    const u32 r = face_rank(v, a);
+    for (u32 w : cand)
+      if (R[w] == r) return w;
+    return v;
+  }
+};
+
+// Rank of every top cell: max over its 2^D vertices.
+template <int D>
+void top_ranks(const Geom<D>& g, const u32* R, std::vector<u32>& out) {
+  out.resize(g.T);
+  u32 t = 0;
+  if (D == 2) {
+    const u32 s0 = static_cast<u32>(g.vs[0]);
+    for (int64_t x = 0; x < g.m[0]; ++x)
+      for (int64_t y = 0; y < g.m[1]; ++y, ++t) {
+        const u32 v = static_cast<u32>(x * g.vs[0] + y);
+        out[t] = std::max(std::max(R[v], R[v + 1]), std::max(R[v + s0], R[v + s0 + 1]));
+      }
+  } else {
+    const u32 s0 = static_cast<u32>(g.vs[0]), s1 = static_cast<u32>(g.vs[1]);
+    for (int64_t x = 0; x < g.m[0]; ++x)
+      for (int64_t y = 0; y < g.m[1]; ++y)
+        for (int64_t z = 0; z < g.m[2]; ++z, ++t) {
+          const u32 v = static_cast<u32>(x * g.vs[0] + y * g.vs[1] + z);
+          u32 r = std::max(std::max(R[v], R[v + 1]), std::max(R[v + s1], R[v + s1 + 1]));
+          r = std::max(r, std::max(std::max(R[v + s0], R[v + s0 + 1]), std::max(R[v + s0 + s1], R[v + s0 + s1 + 1])));
+          out[t] = r;
+        }
+  }
+}
+
+// Critical vertex of a top cell: 2D squares take the largest linear index on a tie, 3D cubes the
+// smallest (the reference's convention).
+template <int D>
+u32 top_voxel(const Geom<D>& g, const u32* R, u32 rank, u32 t) {
+  int64_t c[3] = {0, 0, 0};
+  if (D == 2) {
+    c[0] = t / g.m[1];
+    c[1] = t % g.m[1];
+    const u32 v = static_cast<u32>(c[0] * g.vs[0] + c[1]);
+    const u32 s0 = static_cast<u32>(g.vs[0]);
+    const u32 cand[4] = {v + s0 + 1, v + s0, v + 1, v};
+    for (u32 w : cand)
+      if (R[w] == rank) return w;
+    return v;
+  } else {
+    const u32 myz = static_cast<u32>(g.m[1] * g.m[2]);
+    c[0] = t / myz;
+    const u32 r = t % myz;
+    c[1] = r / g.m[2];
+    c[2] = r % g.m[2];
+    const u32 v = static_cast<u32>(c[0] * g.vs[0] + c[1] * g.vs[1] + c[2]);
+    const u32 s0 = static_cast<u32>(g.vs[0]), s1 = static_cast<u32>(g.vs[1]);
+    const u32 cand[8] = {v, v + 1, v + s1, v + s1 + 1, v + s0, v + s0 + 1, v + s0 + s1, v + s0 + s1 + 1};
+    for (u32 w : cand)
+      if (R[w] == rank) return w;
+    return v;
+  }
+}
+
+// Stable counting sort of cells by rank: gen(emit) must call emit(id, rank) for every cell in
+// increasing id order (it is called twice).
+template <typename Gen>
+void counting_sort(u32 nranks, Gen&& gen, std::vector<u32>& out) {
+  std::vector<u32> count(static_cast<size_t>(nranks) + 1, 0);
+  gen([&](u32, u32 r) { count[r + 1]++; });
+  for (u32 r = 0; r < nranks; ++r) count[r + 1] += count[r];
+  out.resize(count[nranks]);
+  gen([&](u32 id, u32 r) { out[count[r]++] = id; });
+}
+
+inline u32 uf_find(u32* parent, u32 x) {
+  while (parent[x] != x) {
+    parent[x] = parent[parent[x]];
+    x = parent[x];
+  }
+  return x;
+}
+
+// A bar of one image in one dimension: critical vertices of its birth and death cells.
+struct Bar {
+  u32 birth, death;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Sorted cells of one image.
+
+template <int D>
+void sort_edges(const Geom<D>& g, const Ranks& rk, std::vector<u32>& out) {
+  CellRanks<D> cr{g, rk.rank.data()};
+  counting_sort(rk.nranks, [&](auto&& emit) { g.for_each_edge([&](u32 id, u32 v, int a) { emit(id, cr.edge_rank(v, a)); }); },
+                out);
+}
+
+// 3D faces in increasing (rank, id) order.
+inline void sort_faces(const Geom<3>& g, const Ranks& rk, std::vector<u32>& out) {
+  CellRanks<3> cr{g, rk.rank.data()};
+  counting_sort(rk.nranks, [&](auto&& emit) { g.for_each_face([&](u32 id, u32 v, int a) { emit(id, cr.face_rank(v, a)); }); },
+                out);
+}
+template <int D>
+void sort_faces(const Geom<D>&, const Ranks&, std::vector<u32>&) {}
+
+// ---------------------------------------------------------------------------------------------
+// Dimension 0 of one image: bars (birth vertex, death voxel) and, optionally, the bar index of
+// each birth vertex (for the matching).
+
+// Dimension 0 of one image by union-find over its edges (increasing order). Optionally: the bar
+// of each birth vertex, the edges that do not merge (in decreasing order: the columns of the
+// dim-1 cohomology reduction) and the edges that do (in increasing order).
+inline void set_bit(std::vector<u64>& bits, u32 i) { bits[i >> 6] |= u64(1) << (i & 63); }
+inline bool get_bit(const u64* bits, u32 i) { return (bits[i >> 6] >> (i & 63)) & 1; }
+
+template <int D>
+void dim0_pairs(const Geom<D>& g, const Ranks& rk, const std::vector<u32>& edges, std::vector<Bar>& bars,
+                std::vector<u32>* bar_of_vertex, std::vector<u32>* positive, std::vector<u32>* merging,
+                std::vector<u64>* merged_bits = nullptr) {
+  const u32* R = rk.rank.data();
+  CellRanks<D> cr{g, R};
+  std::vector<u32> parent(g.V);
+  std::iota(parent.begin(), parent.end(), 0u);
+  if (bar_of_vertex) bar_of_vertex->assign(g.V, kNone);
+  if (positive) positive->clear();
+  if (merging) merging->clear();
+  if (merged_bits) merged_bits->assign((static_cast<size_t>(g.V) * D + 63) / 64, 0);
+  for (u32 id : edges) {
+    const u32 v = id / D;
+    const int a = static_cast<int>(id % D);
+    const u32 w = static_cast<u32>(v + g.vs[a]);
+    const u32 rv = uf_find(parent.data(), v), rw = uf_find(parent.data(), w);
+    if (rv == rw) {
+      if (positive) positive->push_back(id);
+      continue;
+    }
+    if (merging) merging->push_back(id);
+    if (merged_bits) set_bit(*merged_bits, id);
+    const bool v_elder = R[rv] < R[rw] || (R[rv] == R[rw] && rv < rw);
+    const u32 young = v_elder ? rw : rv, old = v_elder ? rv : rw;
+    parent[young] = old;
+    const u32 re = std::max(R[v], R[w]);
+    if (R[young] != re) {
+      if (bar_of_vertex) (*bar_of_vertex)[young] = static_cast<u32>(bars.size());
+      bars.push_back({young, cr.edge_voxel(v, a)});
+    }
+  }
+  if (positive) std::reverse(positive->begin(), positive->end());
+}
+
+// Cofaces (top cells or the boundary node T) of a codimension-1 cell.
+template <int D>
+inline void cofaces(const Geom<D>& g, u32 id, u32& t1, u32& t2) {
+  const u32 v = id / D;
+  const int a = static_cast<int>(id % D);
+  int64_t c[3] = {0, 0, 0};
+  g.coords(v, c);
+  const int nb = D == 2 ? 1 - a : a;  // the axis the two cofaces differ in
+  const int64_t t = g.top_id(c);
+  t1 = c[nb] >= 1 ? static_cast<u32>(t - g.ts[nb]) : g.T;
+  t2 = c[nb] < g.m[nb] ? static_cast<u32>(t) : g.T;
+}
+
+// Dimension D-1 of one image by dual union-find over its codimension-1 cells (given in increasing
+// order). Marks the cells that merge (cleared: they never enter the dim-1 reduction).
+// With c_top (the comparison image's top-cell ranks) it also tracks each dual component's c-elder
+// and records, for every bar, the c-younger top cell at its birth: (c-younger top cell, bar), sorted.
+template <int D>
+void top_pairs(const Geom<D>& g, const Ranks& rk, const std::vector<u32>& codim1, const std::vector<u32>& top,
+               std::vector<Bar>& bars, std::vector<uint8_t>* cleared, const std::vector<u32>* c_top,
+               std::vector<std::pair<u32, u32>>* img_of_top, std::vector<std::pair<u32, u32>>* death_tops,
+               std::vector<u64>* cleared_bits = nullptr) {
+  const u32* R = rk.rank.data();
+  CellRanks<D> cr{g, R};
+  const u32 T = g.T;
+  std::vector<u32> parent(T + 1);
+  std::iota(parent.begin(), parent.end(), 0u);
+  std::vector<u32> rep_c;
+  if (c_top) {
+    rep_c.resize(T + 1);
+    std::iota(rep_c.begin(), rep_c.end(), 0u);
+    img_of_top->clear();
+  }
+  if (cleared) cleared->assign(codim1.size(), 0);
+  if (cleared_bits) cleared_bits->assign((static_cast<size_t>(g.V) * D + 63) / 64, 0);
+  struct SortAtEnd {
+    std::vector<std::pair<u32, u32>>* v;
+    ~SortAtEnd() {
+      if (v) std::sort(v->begin(), v->end());
+    }
+  } sort_at_end{img_of_top};
+  // a is the elder of two dual roots: the boundary, else the larger (rank, id)
+  auto elder = [T](const u32* rt, u32 a, u32 b) {
+    if (a == T) return true;
+    if (b == T) return false;
+    return rt[a] > rt[b] || (rt[a] == rt[b] && a > b);
+  };
+  const u32* rt = top.data();
+  const u32* rc = c_top ? c_top->data() : nullptr;
+  for (size_t k = codim1.size(); k-- > 0;) {
+    const u32 id = codim1[k];
+    u32 t1, t2;
+    cofaces<D>(g, id, t1, t2);
+    const u32 r1 = uf_find(parent.data(), t1), r2 = uf_find(parent.data(), t2);
+    if (r1 == r2) continue;
+    if (cleared) (*cleared)[k] = 1;
+    if (cleared_bits) set_bit(*cleared_bits, id);
+    const bool first_elder = elder(rt, r1, r2);
+    const u32 young = first_elder ? r2 : r1, old = first_elder ? r1 : r2;
+    parent[young] = old;
+    u32 c_young = kNone;
+    if (rc) {
+      const u32 a = rep_c[r1], b = rep_c[r2];
+      const bool a_elder = elder(rc, a, b);
+      c_young = a_elder ? b : a;
+      rep_c[old] = a_elder ? a : b;
+    }
+    const u32 v = id / D;
+    const int ax = static_cast<int>(id % D);
+    const u32 rq = D == 2 ? cr.edge_rank(v, ax) : cr.face_rank(v, ax);
+    if (rt[young] != rq) {
+      const u32 bvox = D == 2 ? cr.edge_voxel(v, ax) : cr.face_voxel(v, ax);
+      if (rc) img_of_top->push_back({c_young, static_cast<u32>(bars.size())});
+      if (death_tops) death_tops->push_back({young, static_cast<u32>(bars.size())});
+      bars.push_back({bvox, top_voxel<D>(g, R, rt[young], young)});
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dimension 1 in 3D: the pivot pairs (edge, face) of a boundary matrix whose columns (faces) and
+// rows (edges) follow two given orders. Two formulations give the same pairs:
+//   homology:   columns = faces in increasing order (without those that merged dual components:
+//               they reduce to zero), entries = their 4 edges, pivot = the largest edge;
+//   cohomology: columns = edges in decreasing order (without those that merged in dimension 0),
+//               entries = their cofaces, pivot = the smallest face (a matrix and its anti-transpose
+//               have the same pivot pairs).
+// Which one needs less work depends on the data (ties in one order make long reduction chains in
+// the other), so the two race: each advances by a work budget in turn, the budget doubles, and the
+// first to finish wins (at most ~3x the work of the better one; deterministic).
+//
+// Keys are (rank << 32 | cell id), inverted for cohomology, so that the pivot is always the largest
+// key. A column whose largest entry is still free is paired at once (apparent / emergent pair);
+// the others are reduced with a max-heap with lazy cancellation and kept for later additions.
+
+struct DimOneSide {
+  const Geom<3>* g = nullptr;
+  const u32* R = nullptr;     // vertex ranks that order the rows
+  const u32* cols = nullptr;  // column cells (faces or edges) in column order
+  u32 ncols = 0;
+  bool cohomology = false;
+  // Rows that are never pivots (bitset over row cells), left out of every column: a row that is
+  // never a pivot is, in every lower-left submatrix, a combination of the rows below it, so no rank
+  // and no pivot pair changes without it. Homology: the edges that merged in dimension 0 (of the
+  // image that orders the rows); cohomology: the faces that merged dual components (of c for the
+  // image pairs). About a third of every column. Required (all-zero when nothing is skipped).
+  const u64* skip = nullptr;
+
+  u32 row(u64 key) const { return static_cast<u32>((cohomology ? ~key : key) & 0xFFFFFFFFu); }
+  // The entries of column cell `cell` that are not skipped; returns their number. Each vertex rank
+  // is loaded once.
+  __attribute__((always_inline)) inline int entries(u32 cell, u64* k) const {
+    const u32 v = cell / 3;
+    const int a = static_cast<int>(cell % 3);
+    int n = 0;
+    if (!cohomology) {  // boundary of face (v, normal a), spanning b < c
+      int b, c;
+      Geom<3>::spanned(a, b, c);
+      const u32 sb = static_cast<u32>(g->vs[b]), sc = static_cast<u32>(g->vs[c]);
+      const u32 r00 = R[v], r10 = R[v + sb], r01 = R[v + sc], r11 = R[v + sb + sc];
+      const u32 e0 = v * 3 + static_cast<u32>(b), e1 = (v + sc) * 3 + static_cast<u32>(b);
+      const u32 e2 = v * 3 + static_cast<u32>(c), e3 = (v + sb) * 3 + static_cast<u32>(c);
+      // branch-free: write every key, keep it by advancing n (the skip bits are unpredictable)
+      k[n] = (u64(std::max(r00, r10)) << 32) | e0;
+      n += !get_bit(skip, e0);
+      k[n] = (u64(std::max(r01, r11)) << 32) | e1;
+      n += !get_bit(skip, e1);
+      k[n] = (u64(std::max(r00, r01)) << 32) | e2;
+      n += !get_bit(skip, e2);
+      k[n] = (u64(std::max(r10, r11)) << 32) | e3;
+      n += !get_bit(skip, e3);
+      return n;
+    }
+    // coboundary of edge (v, axis a): for each other axis c the faces spanning a and c at v, v - e_c
+    int64_t x[3];
+    g->coords(v, x);
+    const u32 sa = static_cast<u32>(g->vs[a]);
+    const u32 base = std::max(R[v], R[v + sa]);
+    for (int c = 0; c < 3; ++c) {
+      if (c == a) continue;
+      const u32 normal = static_cast<u32>(3 - a - c);
+      const u32 sc = static_cast<u32>(g->vs[c]);
+      if (x[c] + 1 < g->n[c]) {  // (inside the grid: predictable)
+        const u32 q = v * 3 + normal;
+        k[n] = ~((u64(std::max(base, std::max(R[v + sc], R[v + sa + sc]))) << 32) | q);
+        n += !get_bit(skip, q);
+      }
+      if (x[c] >= 1) {
+        const u32 u = v - sc;
+        const u32 q = u * 3 + normal;
+        k[n] = ~((u64(std::max(base, std::max(R[u], R[u + sa]))) << 32) | q);
+        n += !get_bit(skip, q);
+      }
+    }
+    return n;
+  }
+};
+
+struct DimOneReducer {
+  // Work of starting a column (entries, pivot test: mostly cache misses) in units of merged entries.
+  static constexpr u64 kColumnWork = 16;
+  DimOneSide side;
+  // Per row cell: 0 if it is no pivot; else the pivot's column as (cell + 1) when the column is its
+  // own boundary / coboundary, or (kStored | offset of its kept reduced column in pool).
+  static constexpr u32 kStored = 0x80000000u;
+  std::vector<u32> pivot;
+  std::vector<u64> taken;      // bitset over rows: is a pivot (small enough to stay in cache)
+  std::vector<u64> pool;       // kept reduced columns: length n, column cell, then n keys (decreasing)
+  std::vector<u64> work_col, scratch;  // working column, sorted decreasing, pairs cancelled
+  u32 i = 0;                   // next column
+  bool busy = false;           // column i is in work_col, partly reduced
+  bool started = false;
+  u64 spent = 0;               // work so far
+
+  // Prepares a fresh reduction of the given columns and rows.
+  void reset(const DimOneSide& sd) {
+    release();
+    side = sd;
+    i = 0;
+    busy = false;
+    started = false;
+    spent = 0;
+  }
+  void start() {
+    const size_t nrows = static_cast<size_t>(side.g->V) * 3;
+    pivot.assign(nrows, 0);
+    taken.assign((nrows + 63) / 64, 0);
+    started = true;
+  }
+  bool is_taken(u32 r) const { return (taken[r >> 6] >> (r & 63)) & 1; }
+  void take(u32 r, u32 entry) {
+    taken[r >> 6] |= u64(1) << (r & 63);
+    pivot[r] = entry;
+  }
+  // work_col <- work_col + x (over Z/2); both sorted decreasing. Branch-free merge: equal keys
+  // cancel (both advance, nothing is kept).
+  void add(const u64* x, size_t n) {
+    scratch.resize(work_col.size() + n);
+    const u64 *a = work_col.data(), *ae = a + work_col.size(), *b = x, *be = x + n;
+    u64* o = scratch.data();
+    while (a != ae && b != be) {
+      const u64 va = *a, vb = *b;
+      *o = va > vb ? va : vb;
+      o += va != vb;
+      a += va >= vb;
+      b += vb >= va;
+    }
+    while (a != ae) *o++ = *a++;
+    while (b != be) *o++ = *b++;
+    scratch.resize(o - scratch.data());
+    work_col.swap(scratch);
+  }
+  // Sorts n <= 4 keys decreasing (a sorting network; missing entries are padded with 0, below
+  // every key: homology columns always have 4 entries and cohomology keys are never 0).
+  static void sort_desc(u64* k, int n) {
+    for (int q = n; q < 4; ++q) k[q] = 0;
+    auto cx = [](u64& a, u64& b) {
+      const u64 hi = a > b ? a : b, lo = a > b ? b : a;
+      a = hi;
+      b = lo;
+    };
+    cx(k[0], k[1]);
+    cx(k[2], k[3]);
+    cx(k[0], k[2]);
+    cx(k[1], k[3]);
+    cx(k[1], k[2]);
+  }
+  u32 keep(u32 cell) {
+    const size_t off = pool.size();
+    if (off >= kStored) throw std::length_error("dimension-1 reduction: more than 2^31 kept entries");
+    pool.push_back(work_col.size());
+    pool.push_back(cell);
+    pool.insert(pool.end(), work_col.begin(), work_col.end());
+    return kStored | static_cast<u32>(off);
+  }
+  // Reduces columns until about `budget` units of work are spent; true when all are reduced.
+  bool advance(u64 budget) {
+    if (!started) start();
+    u64 work = 0;
+    u64 k[4];
+    bool suspended = false;
+    while (i < side.ncols && !suspended) {
+      if (work >= budget) {
+        suspended = true;
+        break;
+      }
+      const u32 cell = side.cols[i];
+      if (!busy) {
+        const int n = side.entries(cell, k);
+        work += kColumnWork;
+        if (n == 0) {
+          ++i;
+          continue;
+        }
+        u64 top = k[0];
+        for (int q = 1; q < n; ++q) top = std::max(top, k[q]);
+        const u32 r = side.row(top);
+        if (!is_taken(r)) {  // the pivot is free: the column is already reduced
+          take(r, cell + 1);
+          ++i;
+          continue;
+        }
+        sort_desc(k, n);
+        work_col.assign(k, k + n);
+        busy = true;
+      }
+      while (true) {
+        if (work_col.empty()) {  // zero column
+          busy = false;
+          ++i;
+          break;
+        }
+        const u32 r = side.row(work_col[0]);
+        if (!is_taken(r)) {
+          take(r, keep(cell));
+          busy = false;
+          ++i;
+          break;
+        }
+        // add the reduced column whose pivot is work_col[0]
+        const u32 e = pivot[r];
+        if (e & kStored) {
+          const u64 at = e & ~kStored;
+          const u64 len = pool[at];
+          add(pool.data() + at + 2, len);
+          work += len + work_col.size();
+        } else {
+          u64 kj[4];
+          const int nj = side.entries(e - 1, kj);
+          sort_desc(kj, nj);
+          add(kj, static_cast<size_t>(nj));
+          work += static_cast<u64>(nj) + work_col.size();
+        }
+        if (work >= budget) {  // suspend mid-column: work_col keeps the state
+          suspended = true;
+          break;
+        }
+      }
+    }
+    spent += work;
+    return i >= side.ncols;
+  }
+  u32 column_cell(u32 entry) const { return (entry & kStored) ? static_cast<u32>(pool[(entry & ~kStored) + 1]) : entry - 1; }
+  void release() {
+    std::vector<u32>().swap(pivot);
+    std::vector<u64>().swap(taken);
+    std::vector<u64>().swap(pool);
+    std::vector<u64>().swap(work_col);
+    std::vector<u64>().swap(scratch);
+  }
+};
+
+// Races the two formulations; returns the finished one (the other is released). Both first get
+// about half a scan of their columns; then the side whose remaining work looks smaller
+// advances by as much as it has spent so far (doubling). Remaining work is extrapolated from the
+// side's latest advance (its work per column there; an advance that finished no column counts as
+// at least that much per remaining column), since columns get costlier towards the end. A side
+// never gets more than 8x the other's work before the other has a turn. Work counts merged entries,
+// so the outcome is deterministic.
+struct RaceSide {
+  DimOneReducer* r;
+  u64 last_work = 0;
+  u32 last_cols = 0;
+  bool advance(u64 budget) {
+    const u64 w0 = r->spent;
+    const u32 i0 = r->i;
+    const bool done = r->advance(budget);
+    last_work = r->spent - w0;
+    last_cols = r->i - i0;
+    return done;
+  }
+  double remaining() const {
+    const double left = static_cast<double>(r->side.ncols - r->i);
+    return static_cast<double>(last_work) / std::max<u32>(last_cols, 1) * left;
+  }
+};
+
+inline u64 race_budget(const DimOneReducer& a, const DimOneReducer& b) {
+  return DimOneReducer::kColumnWork * std::max(a.side.ncols, b.side.ncols) / 2 + 1024;
+}
+
+inline DimOneReducer* race(DimOneReducer& a, DimOneReducer& b) {
+  const u64 b0 = race_budget(a, b);
+  RaceSide sa{&a}, sb{&b};
+  DimOneReducer* done = nullptr;
+  if (sa.advance(b0)) done = &a;
+  else if (sb.advance(b0)) done = &b;
+  while (!done) {
+    RaceSide* x = sa.remaining() <= sb.remaining() ? &sa : &sb;
+    RaceSide* y = x == &sa ? &sb : &sa;
+    if (x->r->spent >= 8 * y->r->spent) std::swap(x, y);
+    if (x->advance(std::max(b0, x->r->spent))) done = x->r;
+  }
+  (done == &a ? b : a).release();
+  return done;
+}
+
+// The pivot pairs (edge, face) of a finished reduction, calling f(edge, face).
+template <typename F>
+void for_each_pair(const DimOneReducer& r, F&& f) {
+  const u32 nrows = static_cast<u32>(r.pivot.size());
+  for (u32 row = 0; row < nrows; ++row) {
+    const u32 e = r.pivot[row];
+    if (e == 0) continue;
+    const u32 cell = r.column_cell(e);
+    if (r.side.cohomology) f(cell, row);
+    else f(row, cell);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One image's state through the phases: ranks, its own bars, and (for f and g) the maps from the
+// comparison image's cells to its bars that the matching reads.
+
+template <int D>
+struct ImageState {
+  Ranks rk;
+  std::vector<u32> top;             // top-cell ranks
+  std::vector<Bar> bars[D];         // own bars per dimension
+  std::vector<uint8_t> matched[D];  // per bar (f and g)
+  std::vector<u32> bar_of_vertex;   // dim 0: birth vertex -> bar (f, g)
+  std::vector<std::pair<u32, u32>> img_top;  // dim D-1: (c's top cell killed at a bar's birth, bar), sorted (f, g)
+  std::vector<u32> edges;           // c: the edges the dim-0 matching sweep visits
+  std::vector<std::pair<u32, u32>> death_tops;  // c: (dying top cell, bar) of each top-dim bar
+  // 3D dimension 1
+  std::vector<u32> pos_edges;       // edges that did not merge in dim 0, decreasing (cohomology columns)
+  std::vector<u32> hom_cols;        // faces that did not merge dual components, increasing (homology columns)
+  std::vector<u64> neg_edges;       // bitset: edges that merged in dim 0 (never dim-1 pivot rows)
+  std::vector<u64> pos_faces;       // bitset: faces that merged dual components (never pivot rows)
+  std::vector<u32> birth_edges;     // f, g: birth edge of each dim-1 bar (bars sorted by it)
+  std::vector<std::pair<u32, u32>> face_bars;  // c: (death face, bar) of each dim-1 bar, by face
+  std::vector<u32> img_edge;        // f, g: per entry of c's face_bars, the edge of its image pair
+  // the two sides of a dimension-1 race (own bars, then the image pairs)
+  DimOneReducer side[2];
+};
+
+// f and g (and c = min(f, g)) of one instance, and the matching between f's and g's bars.
+template <int D, typename T>
+struct Instance {
+  Geom<D> geom;
+  const T* f;
+  const T* g;  // nullptr for a barcode of f alone
+  ImageState<D> img[3];  // f, g, c
+  std::vector<std::pair<u32, u32>> matches[D];
+  bool strict = false;
+
+  Instance(const int64_t* sizes, const T* f_, const T* g_, bool strict_) : geom(sizes), f(f_), g(g_), strict(strict_) {}
+
+  double value(int which, u32 v) const {
+    if (which == 0) return static_cast<double>(f[v]);
+    if (which == 1) return static_cast<double>(g[v]);
+    return std::min(static_cast<double>(f[v]), static_cast<double>(g[v]));
+  }
+
+  // Phase 1: ranks (and top-cell ranks) of image `which` (0 = f, 1 = g, 2 = c).
+  void rank(int which) {
+    ImageState<D>& s = img[which];
+    if (which == 2) {
+      std::vector<T> c(geom.V);
+      for (u32 v = 0; v < geom.V; ++v) c[v] = std::min(f[v], g[v]);
+      compute_ranks(c.data(), geom.V, s.rk);
+    } else {
+      compute_ranks(which == 0 ? f : g, geom.V, s.rk);
+    }
+    top_ranks<D>(geom, s.rk.rank.data(), s.top);
+  }
+
+  // Phase 2: own bars of image `which`; in a matching, also the maps the matching reads. Split in
+  // three: own_pre (sorts, union-finds), the dimension-1 race (3D), own_finish.
+  void own_pre(int which, bool matching) {
+    ImageState<D>& s = img[which];
+    const bool is_c = which == 2;
+    const bool image = matching && !is_c;
+    std::vector<u32> edges;
+    sort_edges<D>(geom, s.rk, edges);
+    if (D == 2) {
+      // dim 1 by dual union-find; the edges that merge dual components never merge in dim 0
+      std::vector<uint8_t> cleared;
+      top_pairs<D>(geom, s.rk, edges, s.top, s.bars[1], &cleared, image ? &img[2].top : nullptr,
+                   image ? &s.img_top : nullptr, is_c ? &s.death_tops : nullptr);
+      size_t k = 0;
+      for (size_t q = 0; q < edges.size(); ++q)
+        if (!cleared[q]) edges[k++] = edges[q];
+      edges.resize(k);
+      if (is_c) {
+        s.edges.swap(edges);  // c's dim-0 bars come out of the matching sweep
+      } else {
+        dim0_pairs<D>(geom, s.rk, edges, s.bars[0], matching ? &s.bar_of_vertex : nullptr, nullptr, nullptr);
+      }
+    } else {
+      std::vector<Bar> c_bars0;
+      dim0_pairs<D>(geom, s.rk, edges, is_c ? c_bars0 : s.bars[0], image ? &s.bar_of_vertex : nullptr, &s.pos_edges,
+                    is_c ? &s.edges : nullptr, &s.neg_edges);
+      std::vector<u32>().swap(edges);
+      std::vector<u32>& faces = s.hom_cols;
+      sort_faces(geom, s.rk, faces);
+      std::vector<uint8_t> cleared;
+      top_pairs<D>(geom, s.rk, faces, s.top, s.bars[2], &cleared, image ? &img[2].top : nullptr,
+                   image ? &s.img_top : nullptr, is_c ? &s.death_tops : nullptr, &s.pos_faces);
+      size_t k = 0;
+      for (size_t q = 0; q < faces.size(); ++q)
+        if (!cleared[q]) faces[k++] = faces[q];
+      faces.resize(k);
+      std::vector<uint8_t>().swap(cleared);
+      if (!is_c) std::vector<u32>().swap(s.top);
+    }
+    if (!is_c) std::vector<u32>().swap(s.top);
+  }
+
+  // Phase 2 in one task: everything, with the dimension-1 race run sequentially.
+  void own(int which, bool matching) {
+    own_pre(which, matching);
+    if (D == 3) {
+      own_race_setup(which);
+      DimOneReducer* win = race(img[which].side[0], img[which].side[1]);
+      own_finish(which, matching, *win);
+    } else {
+      own_finish(which, matching, img[which].side[0]);
+    }
+  }
+
+  // After phase 2 of all three images: c's top-cell ranks are no longer needed.
+  void own_done() { std::vector<u32>().swap(img[2].top); }
+
+  void own_race_setup(int which) {
+    if constexpr (D == 3) {
+      ImageState<D>& s = img[which];
+      const u32* R = s.rk.rank.data();
+      s.side[0].reset({&geom, R, s.hom_cols.data(), static_cast<u32>(s.hom_cols.size()), false, s.neg_edges.data()});
+      s.side[1].reset({&geom, R, s.pos_edges.data(), static_cast<u32>(s.pos_edges.size()), true, s.pos_faces.data()});
+    }
+  }
+
+  // After the dimension-1 race (3D): the own bars, then the lists the later phases need.
+  void own_finish(int which, bool matching, DimOneReducer& win) {
+    ImageState<D>& s = img[which];
+    const bool is_c = which == 2;
+    if (D == 3) {
+      dim1_bars(s, which, win);
+      // for the image reductions c keeps its columns and positive faces, f and g their positive
+      // (column) and negative (never pivot) edges
+      if (!is_c || !matching) {
+        std::vector<u32>().swap(s.hom_cols);
+        std::vector<u64>().swap(s.pos_faces);
+      }
+      if (is_c || !matching) {
+        std::vector<u32>().swap(s.pos_edges);
+        std::vector<u64>().swap(s.neg_edges);
+      }
+    }
+    if (!is_c)
+      for (int k = 0; k < D; ++k) s.matched[k].assign(s.bars[k].size(), 0);
+  }
+
+  void dim1_bars(ImageState<D>& s, int which, DimOneReducer& win) {
+    if constexpr (D == 3) {
+      const u32* R = s.rk.rank.data();
+      CellRanks<D> cr{geom, R};
+      std::vector<std::pair<u32, u32>> pairs;  // (birth edge, death face), nonzero persistence
+      for_each_pair(win, [&](u32 e, u32 q) {
+        if (cr.edge_rank(e / 3, static_cast<int>(e % 3)) != cr.face_rank(q / 3, static_cast<int>(q % 3)))
+          pairs.push_back({e, q});
+      });
+      win.release();
+      std::sort(pairs.begin(), pairs.end());
+      std::vector<Bar>& bars = s.bars[1];
+      bars.reserve(pairs.size());
+      const bool is_c = which == 2;
+      if (is_c) s.face_bars.reserve(pairs.size());
+      else s.birth_edges.reserve(pairs.size());
+      for (auto& eq : pairs) {
+        const u32 b = static_cast<u32>(bars.size());
+        bars.push_back({cr.edge_voxel(eq.first / 3, static_cast<int>(eq.first % 3)),
+                        cr.face_voxel(eq.second / 3, static_cast<int>(eq.second % 3))});
+        if (is_c) s.face_bars.push_back({eq.second, b});
+        else s.birth_edges.push_back(eq.first);
+      }
+      if (is_c) std::sort(s.face_bars.begin(), s.face_bars.end());
+    } else {
+      (void)s;
+      (void)which;
+      (void)win;
+    }
+  }
+
+  // Phase 3 (3D): the image pairs (this image's edge, c's face) of dimension 1, kept for c's death
+  // faces: a race between the homology form (c's columns, rows in this image's order) and the
+  // cohomology form (this image's columns, rows in c's order).
+  void image_race_setup(int which) {
+    if constexpr (D == 3) {
+      ImageState<D>& s = img[which];
+      const ImageState<D>& C = img[2];
+      s.side[0].reset({&geom, s.rk.rank.data(), C.hom_cols.data(), static_cast<u32>(C.hom_cols.size()), false,
+                       s.neg_edges.data()});
+      s.side[1].reset({&geom, C.rk.rank.data(), s.pos_edges.data(), static_cast<u32>(s.pos_edges.size()), true,
+                       C.pos_faces.data()});
+    }
+  }
+
+  void image_finish(int which, DimOneReducer& win) {
+    ImageState<D>& s = img[which];
+    const ImageState<D>& C = img[2];
+    s.img_edge.assign(C.face_bars.size(), kNone);
+    for_each_pair(win, [&](u32 e, u32 q) {
+      auto it = std::lower_bound(C.face_bars.begin(), C.face_bars.end(), std::make_pair(q, u32(0)));
+      if (it != C.face_bars.end() && it->first == q) s.img_edge[it - C.face_bars.begin()] = e;
+    });
+    win.release();
+    std::vector<u32>().swap(s.pos_edges);
+    std::vector<u64>().swap(s.neg_edges);
+  }
+
+  void image(int which) {
+    if (D != 3) return;
+    image_race_setup(which);
+    image_finish(which, *race(img[which].side[0], img[which].side[1]));
+  }
+
+  bool keep(u32 fb, u32 gb, u32 cdeath) const {
+    if (!strict) return true;
+    const double dc = value(2, cdeath);
+    return value(0, fb) < dc && value(1, gb) < dc;
+  }
+
+  void add_match(int k, u32 pf, u32 pg, u32 cdeath) {
+    ImageState<D>& F = img[0];
+    ImageState<D>& G = img[1];
+    if (!keep(F.bars[k][pf].birth, G.bars[k][pg].birth, cdeath)) return;
+    matches[k].push_back({pf, pg});
+    F.matched[k][pf] = 1;
+    G.matched[k][pg] = 1;
+  }
+
+  // Phase 4: the matching.
+  void match() {
+    ImageState<D>& F = img[0];
+    ImageState<D>& G = img[1];
+    ImageState<D>& C = img[2];
+    // dim D-1: c's bars and the top cells they kill
+    for (auto& tb : C.death_tops) {
+      auto bar_at = [](const std::vector<std::pair<u32, u32>>& m, u32 t) {
+        auto it = std::lower_bound(m.begin(), m.end(), std::make_pair(t, u32(0)));
+        return it != m.end() && it->first == t ? it->second : kNone;
+      };
+      const u32 pf = bar_at(F.img_top, tb.first), pg = bar_at(G.img_top, tb.first);
+      if (pf != kNone && pg != kNone) add_match(D - 1, pf, pg, C.bars[D - 1][tb.second].death);
+    }
+    std::vector<std::pair<u32, u32>>().swap(C.death_tops);
+    std::vector<std::pair<u32, u32>>().swap(F.img_top);
+    std::vector<std::pair<u32, u32>>().swap(G.img_top);
+    if (D == 3) {
+      // dim 1: c's bar dying at face q matches the f and g bars born at the edges of q's image pairs
+      auto bar_born_at = [](const std::vector<u32>& births, u32 e) {
+        auto it = std::lower_bound(births.begin(), births.end(), e);
+        return it != births.end() && *it == e ? static_cast<u32>(it - births.begin()) : kNone;
+      };
+      for (size_t k = 0; k < C.face_bars.size(); ++k) {
+        const u32 e0 = F.img_edge[k], e1 = G.img_edge[k];
+        if (e0 == kNone || e1 == kNone) continue;
+        const u32 pf = bar_born_at(F.birth_edges, e0), pg = bar_born_at(G.birth_edges, e1);
+        if (pf != kNone && pg != kNone) add_match(1, pf, pg, C.bars[1][C.face_bars[k].second].death);
+      }
+      std::vector<u32>().swap(F.img_edge);
+      std::vector<u32>().swap(G.img_edge);
+      std::vector<u32>().swap(F.birth_edges);
+      std::vector<u32>().swap(G.birth_edges);
+      std::vector<std::pair<u32, u32>>().swap(C.face_bars);
+      std::vector<u32>().swap(C.hom_cols);
+      std::vector<u64>().swap(C.pos_faces);
+    }
+    // dim 0: union-find over c's edges that also tracks each component's f-elder and g-elder
+    const u32 V = geom.V;
+    const u32 *Rc = C.rk.rank.data(), *Rf = F.rk.rank.data(), *Rg = G.rk.rank.data();
+    CellRanks<D> crc{geom, Rc};
+    std::vector<u32> parent(V), rep_f(V), rep_g(V);
+    std::iota(parent.begin(), parent.end(), 0u);
+    std::iota(rep_f.begin(), rep_f.end(), 0u);
+    std::iota(rep_g.begin(), rep_g.end(), 0u);
+    auto older = [](const u32* R, u32 a, u32 b) { return R[a] < R[b] || (R[a] == R[b] && a < b); };
+    for (u32 id : C.edges) {
+      const u32 v = id / D;
+      const int a = static_cast<int>(id % D);
+      const u32 w = static_cast<u32>(v + geom.vs[a]);
+      const u32 rv = uf_find(parent.data(), v), rw = uf_find(parent.data(), w);
+      if (rv == rw) continue;
+      const bool v_elder = older(Rc, rv, rw);
+      const u32 young = v_elder ? rw : rv, old = v_elder ? rv : rw;
+      parent[young] = old;
+      const u32 fa = rep_f[rv], fb = rep_f[rw], ga = rep_g[rv], gb = rep_g[rw];
+      const bool fa_elder = older(Rf, fa, fb), ga_elder = older(Rg, ga, gb);
+      rep_f[old] = fa_elder ? fa : fb;
+      rep_g[old] = ga_elder ? ga : gb;
+      if (Rc[young] == std::max(Rc[v], Rc[w])) continue;  // zero persistence in c
+      const u32 pf = F.bar_of_vertex[fa_elder ? fb : fa], pg = G.bar_of_vertex[ga_elder ? gb : ga];
+      if (pf != kNone && pg != kNone) add_match(0, pf, pg, crc.edge_voxel(v, a));
+    }
+    std::vector<u32>().swap(C.edges);
+  }
+};
+
+// The instance's rows, in the order of the op's output: per dimension the matched pairs
+// (f birth, f death, g birth, g death), then the unmatched f bars, then the unmatched g bars.
+template <int D, typename T>
+int64_t count_rows(const Instance<D, T>& in, bool include_g_unmatched, int64_t* counts /* [D][3] */) {
+  int64_t total = 0;
+  for (int k = 0; k < D; ++k) {
+    const int64_t nm = static_cast<int64_t>(in.matches[k].size());
+    const int64_t nf = static_cast<int64_t>(in.img[0].bars[k].size()) - nm;
+    const int64_t ng = include_g_unmatched ? static_cast<int64_t>(in.img[1].bars[k].size()) - nm : 0;
+    counts[3 * k] = nm;
+    counts[3 * k + 1] = nf;
+    counts[3 * k + 2] = ng;
+    total += nm + nf + ng;
+  }
+  return total;
+}
+
+// rows: [*, 5] = (segment, f birth, f death, g birth, g death), segment = (n*D + k)*3 + kind.
+template <int D, typename T>
+void write_rows(const Instance<D, T>& in, bool include_g_unmatched, int64_t n, int64_t* rows) {
+  const ImageState<D>& F = in.img[0];
+  const ImageState<D>& G = in.img[1];
+  for (int k = 0; k < D; ++k) {
+    const int64_t seg = (n * D + k) * 3;
+    for (auto& m : in.matches[k]) {
+      const Bar& a = F.bars[k][m.first];
+      const Bar& b = G.bars[k][m.second];
+      rows[0] = seg;
+      rows[1] = a.birth;
+      rows[2] = a.death;
+      rows[3] = b.birth;
+      rows[4] = b.death;
+      rows += 5;
+    }
+    for (size_t i = 0; i < F.bars[k].size(); ++i) {
+      if (F.matched[k][i]) continue;
+      rows[0] = seg + 1;
+      rows[1] = F.bars[k][i].birth;
+      rows[2] = F.bars[k][i].death;
+      rows[3] = rows[4] = -1;
+      rows += 5;
+    }
+    if (!include_g_unmatched) continue;
+    for (size_t i = 0; i < G.bars[k].size(); ++i) {
+      if (G.matched[k][i]) continue;
+      rows[0] = seg + 2;
+      rows[1] = rows[2] = -1;
+      rows[3] = G.bars[k][i].birth;
+      rows[4] = G.bars[k][i].death;
+      rows += 5;
+    }
+  }
+}
+
+}  // namespace betti_matching
+}  // namespace lossforge

@@ -1,0 +1,689 @@
+"""Betti matching family: barcodes against gudhi and cripser, matchings against the Betti-Matching-3D
+reference build (inside the topolosses wheel) and the pure reference, the invariants of the spec,
+the loss and its gradient, options, modules and bad input."""
+import glob
+import importlib
+import importlib.util
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import lossforge
+from lossforge import nn as lnn
+from lossforge.reference import betti_matching as ref
+
+ops = torch.ops.lossforge
+
+
+# ---- oracles ------------------------------------------------------------------------------------
+
+def reference_build():
+    """The Betti-Matching-3D C++ build shipped in the topolosses wheel (pip install --no-deps
+    topolosses); importing it needs only its folder on sys.path. Missing -> the test fails."""
+    spec = importlib.util.find_spec("topolosses")
+    assert spec is not None, "topolosses is not installed (pip install --no-deps topolosses)"
+    folder = os.path.join(os.path.dirname(spec.origin), "losses", "betti_matching", "src")
+    assert glob.glob(os.path.join(folder, "betti_matching*.so")), f"no betti_matching*.so in {folder}"
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module("betti_matching")
+
+
+def flat_rows(arrays, shape):
+    a = np.asarray(arrays).reshape(-1, len(shape))
+    return [int(x) for x in np.ravel_multi_index(tuple(a.T), shape)] if len(a) else []
+
+
+def build_matching(f, g):
+    """The reference build's matching of sublevel images f, g as sorted per-dimension sets."""
+    r = reference_build().compute_matching(np.ascontiguousarray(f, np.float64), np.ascontiguousarray(g, np.float64))
+    out = []
+    for k in range(f.ndim):
+        m = sorted(zip(*(flat_rows(a[k], f.shape) for a in (
+            r.input1_matched_birth_coordinates, r.input1_matched_death_coordinates,
+            r.input2_matched_birth_coordinates, r.input2_matched_death_coordinates))))
+        u = sorted(zip(flat_rows(r.input1_unmatched_birth_coordinates[k], f.shape),
+                       flat_rows(r.input1_unmatched_death_coordinates[k], f.shape)))
+        v = sorted(zip(flat_rows(r.input2_unmatched_birth_coordinates[k], f.shape),
+                       flat_rows(r.input2_unmatched_death_coordinates[k], f.shape)))
+        out.append((m, u, v))
+    return out
+
+
+def as_sets(result, shape):
+    """A BettiMatchingResult as sorted per-dimension (matched, unmatched pred, unmatched target) rows
+    of flat pixel indices."""
+    def fl(t):
+        t = t.cpu()
+        return [int(x) for x in np.ravel_multi_index(tuple(t.numpy().T), shape)] if t.shape[0] else []
+    out = []
+    for k in range(len(result.pred_matched_birth)):
+        m = sorted(zip(fl(result.pred_matched_birth[k]), fl(result.pred_matched_death[k]),
+                       fl(result.target_matched_birth[k]), fl(result.target_matched_death[k])))
+        u = sorted(zip(fl(result.pred_unmatched_birth[k]), fl(result.pred_unmatched_death[k])))
+        v = sorted(zip(fl(result.target_unmatched_birth[k]), fl(result.target_unmatched_death[k])))
+        out.append((m, u, v))
+    return out
+
+
+def ref_sets(res):
+    return [(sorted(m), sorted(u), sorted(v)) for m, u, v in res]
+
+
+# ---- inputs -------------------------------------------------------------------------------------
+
+def smooth(x, passes=2):
+    """A few box-blur passes (cheap stand-in for a Gaussian): blob-like fields."""
+    D = x.dim()
+    for _ in range(passes):
+        for d in range(D):
+            x = (x + x.roll(1, d) + x.roll(-1, d)) / 3
+    return x
+
+
+def probs(shape, gen, kind, dtype=torch.float64):
+    """Probability maps: continuous noise, smooth blobs, tie-heavy (few levels), binary."""
+    u = torch.rand(shape, generator=gen, dtype=torch.float64)
+    if kind == "continuous":
+        x = u
+    elif kind == "smooth":
+        x = smooth(u)
+        x = (x - x.min()) / (x.max() - x.min())
+    elif kind == "ties":
+        x = torch.floor(u * 4) / 3
+    elif kind == "binary":
+        x = (smooth(u, 1) > 0.5).to(torch.float64)
+    else:
+        raise ValueError(kind)
+    return x.to(dtype)
+
+
+def pair(shape, gen, pred_kind, target_kind, dtype=torch.float64):
+    return probs(shape, gen, pred_kind, dtype), probs(shape, gen, target_kind, dtype)
+
+
+SHAPES_2D = [(1, 6), (7, 1), (2, 2), (9, 11), (24, 17)]
+SHAPES_3D = [(1, 5, 6), (4, 1, 3), (2, 2, 2), (6, 5, 7), (10, 9, 8)]
+KINDS = [("continuous", "binary"), ("ties", "ties"), ("continuous", "continuous"), ("binary", "binary"),
+         ("smooth", "binary")]
+
+
+# ---- barcodes -----------------------------------------------------------------------------------
+
+def our_bars(img, filtration="sublevel", include_essential=False):
+    bc = lossforge.persistence_barcode(torch.as_tensor(img), filtration, include_essential)
+    return [sorted(zip(b.tolist(), d.tolist())) for b, d in zip(bc.births, bc.deaths)], bc
+
+
+@pytest.mark.parametrize("shape", [(9, 11), (30, 20), (6, 5, 7), (12, 10, 9), (1, 8)])
+@pytest.mark.parametrize("kind", ["continuous", "ties", "binary", "smooth"])
+def test_barcode_matches_gudhi(shape, kind, gen):
+    gudhi = pytest.importorskip("gudhi") if False else importlib.import_module("gudhi")
+    f = probs(shape, gen, kind).numpy()
+    cc = gudhi.CubicalComplex(vertices=f)
+    cc.compute_persistence(homology_coeff_field=2, min_persistence=-1)
+    ours, bc = our_bars(f, include_essential=True)
+    for k in range(f.ndim):
+        expected = sorted((b, d) for b, d in cc.persistence_intervals_in_dimension(k) if b < d)
+        assert ours[k] == expected, f"dimension {k}"
+        # the values are the image's values at the reported critical pixels
+        coords = bc.birth_coords[k]
+        torch.testing.assert_close(bc.births[k], torch.as_tensor(f)[tuple(coords.T)], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(13, 10), (7, 6, 5)])
+@pytest.mark.parametrize("kind", ["continuous", "ties", "binary"])
+def test_barcode_matches_cripser(shape, kind, gen):
+    cripser = importlib.import_module("cripser")
+    f = probs(shape, gen, kind).numpy()
+    ph = cripser.compute_ph(f, filtration="V")
+    ours, _ = our_bars(f)
+    for k in range(f.ndim):
+        rows = ph[ph[:, 0] == k]
+        expected = sorted((float(b), float(d)) for b, d in rows[:, 1:3] if d < np.finfo(np.float64).max and b < d)
+        assert ours[k] == expected, f"dimension {k}"
+
+
+@pytest.mark.parametrize("shape", [(17, 23), (9, 8, 7)])
+@pytest.mark.parametrize("kind", ["continuous", "ties"])
+def test_barcode_coordinates_match_reference_build(shape, kind, gen):
+    f = probs(shape, gen, kind).numpy()
+    r = reference_build().compute_barcode(f)
+    bc = lossforge.persistence_barcode(torch.as_tensor(f), "sublevel")
+    for k in range(f.ndim):
+        expected = sorted(zip(flat_rows(r.birth_coordinates[k], shape), flat_rows(r.death_coordinates[k], shape)))
+        got = sorted(zip(flat_rows(bc.birth_coords[k].numpy(), shape), flat_rows(bc.death_coords[k].numpy(), shape)))
+        assert got == expected
+
+
+def test_barcode_superlevel_and_essential(gen):
+    p = probs((12, 9), gen, "continuous")
+    sup = lossforge.persistence_barcode(p, "superlevel", include_essential=True)
+    sub = lossforge.persistence_barcode(1 - p, "sublevel", include_essential=True)
+    for k in range(2):
+        assert torch.equal(sup.birth_coords[k], sub.birth_coords[k])
+        assert bool((sup.births[k] >= sup.deaths[k]).all())  # superlevel bars run downwards
+    assert sup.deaths[0][-1] == float("-inf") and sub.deaths[0][-1] == float("inf")
+    assert sup.births[0][-1] == p.max()
+    assert sup.death_coords[0][-1].tolist() == [-1, -1]
+    assert len(lossforge.persistence_barcode(p).births[0]) == len(sup.births[0]) - 1
+
+
+def test_barcode_batch_matches_single(gen):
+    x = probs((2, 3, 8, 9), gen, "ties")
+    batch = lossforge.persistence_barcode(x)
+    assert len(batch) == 6
+    for i, bc in enumerate(batch):
+        one = lossforge.persistence_barcode(x.reshape(6, 8, 9)[i])
+        for k in range(2):
+            assert torch.equal(bc.births[k], one.births[k]) and torch.equal(bc.death_coords[k], one.death_coords[k])
+
+
+def test_persistence_pairs_dtypes_agree(gen):
+    x = probs((5, 6, 7), gen, "ties")
+    a = ops.persistence_pairs(x[None].contiguous(), True)
+    b = ops.persistence_pairs(x[None].float().contiguous(), True)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# ---- matching against the reference build -------------------------------------------------------
+
+@pytest.mark.parametrize("shape", SHAPES_2D + SHAPES_3D)
+@pytest.mark.parametrize("kinds", KINDS)
+def test_matching_matches_reference_build(shape, kinds, gen):
+    p, t = pair(shape, gen, *kinds)
+    res = lossforge.betti_matching(p, t)
+    expected = build_matching((1 - p).numpy(), (1 - t).numpy())
+    assert as_sets(res, shape) == expected
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (32, 28, 24)])
+@pytest.mark.parametrize("kinds", [("smooth", "binary"), ("continuous", "continuous")])
+def test_matching_matches_reference_build_larger(shape, kinds, gen):
+    p, t = pair(shape, gen, *kinds, dtype=torch.float32)
+    res = lossforge.betti_matching(p, t)
+    # the reference receives f = 1 - p computed in float32, as topolosses passes it
+    expected = build_matching((1 - p).double().numpy(), (1 - t).double().numpy())
+    assert as_sets(res, shape) == expected
+
+
+@pytest.mark.parametrize("filtration", ["superlevel", "sublevel"])
+def test_batch_matches_reference_build(filtration, gen):
+    # 12 instances: the per-instance task path; 1 instance: the per-phase path
+    for B, C in ((4, 3), (1, 1)):
+        p, t = pair((B, C, 15, 14), gen, "continuous", "binary")
+        res = lossforge.betti_matching(p, t, filtration=filtration)
+        assert len(res) == B * C
+        for i, r in enumerate(res):
+            pi, ti = p.reshape(-1, 15, 14)[i], t.reshape(-1, 15, 14)[i]
+            f, g = ((1 - pi, 1 - ti) if filtration == "superlevel" else (pi, ti))
+            assert as_sets(r, (15, 14)) == build_matching(f.numpy(), g.numpy())
+
+
+@pytest.mark.parametrize("shape", [(5, 6), (3, 4, 4)])
+@pytest.mark.parametrize("kinds", [("continuous", "binary"), ("ties", "ties"), ("continuous", "continuous")])
+@pytest.mark.parametrize("strict", [False, True])
+def test_matching_matches_pure_reference(shape, kinds, strict, gen):
+    p, t = pair(shape, gen, *kinds)
+    res = lossforge.betti_matching(p, t, strict=strict)
+    assert as_sets(res, shape) == ref_sets(ref.matching((1 - p).numpy(), (1 - t).numpy(), strict))
+
+
+def test_threads_do_not_change_the_result(gen):
+    p, t = pair((3, 2, 9, 8, 7), gen, "smooth", "binary")
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.betti_matching_pairs((1 - p).reshape(6, 9, 8, 7).contiguous(), (1 - t).reshape(6, 9, 8, 7).contiguous(), False, True)
+        torch.set_num_threads(max(2, old))
+        many = ops.betti_matching_pairs((1 - p).reshape(6, 9, 8, 7).contiguous(), (1 - t).reshape(6, 9, 8, 7).contiguous(), False, True)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
+
+
+# ---- invariants ---------------------------------------------------------------------------------
+
+def total_unmatched(res):
+    return sum(res.num_unmatched_pred) + sum(res.num_unmatched_target)
+
+
+@pytest.mark.parametrize("shape", [(20, 18), (7, 8, 6)])
+@pytest.mark.parametrize("kind", ["continuous", "ties", "binary"])
+def test_identical_inputs_match_everything(shape, kind, gen, device):
+    p = probs(shape, gen, kind).to(device)
+    res = lossforge.betti_matching(p, p)
+    assert total_unmatched(res) == 0
+    bc = lossforge.persistence_barcode(p)
+    assert res.num_matched == [len(b) for b in bc.births]
+    for k in range(len(shape)):
+        assert torch.equal(res.pred_matched_birth[k], res.target_matched_birth[k])
+    loss = lossforge.betti_matching_loss(p[None, None], p[None, None])
+    assert loss.item() == 0
+
+
+@pytest.mark.parametrize("shape", [(25, 22), (9, 8, 7)])
+def test_binary_inputs_give_loss_equal_to_unmatched_count(shape, gen, device):
+    p, t = pair(shape, gen, "binary", "binary")
+    p, t = p.to(device), t.to(device)
+    res = lossforge.betti_matching(p, t)
+    loss = lossforge.betti_matching_loss(p[None, None], t[None, None], reduction="sum")
+    assert loss.item() == total_unmatched(res)
+    err = lossforge.betti_matching_error(p[None, None], t[None, None])
+    assert err.item() == total_unmatched(res)
+
+
+@pytest.mark.parametrize("shape", [(23, 19), (8, 9, 7)])
+@pytest.mark.parametrize("kinds", [("continuous", "binary"), ("ties", "continuous")])
+def test_matched_plus_unmatched_is_the_barcode(shape, kinds, gen):
+    p, t = pair(shape, gen, *kinds)
+    res = lossforge.betti_matching(p, t)
+    bp, bt = lossforge.persistence_barcode(p), lossforge.persistence_barcode(t)
+    for k in range(len(shape)):
+        assert res.num_matched[k] + res.num_unmatched_pred[k] == len(bp.births[k])
+        assert res.num_matched[k] + res.num_unmatched_target[k] == len(bt.births[k])
+        # and they are the same bars
+        pred_bars = sorted(map(tuple, torch.cat([
+            torch.cat([res.pred_matched_birth[k], res.pred_matched_death[k]], 1),
+            torch.cat([res.pred_unmatched_birth[k], res.pred_unmatched_death[k]], 1)]).tolist()))
+        assert pred_bars == sorted(map(tuple, torch.cat([bp.birth_coords[k], bp.death_coords[k]], 1).tolist()))
+
+
+@pytest.mark.parametrize("shape", [(21, 20), (8, 7, 9)])
+@pytest.mark.parametrize("strict", [False, True])
+def test_swapping_inputs_swaps_roles(shape, strict, gen):
+    p, t = pair(shape, gen, "continuous", "smooth")
+    a = as_sets(lossforge.betti_matching(p, t, strict=strict), shape)
+    b = as_sets(lossforge.betti_matching(t, p, strict=strict), shape)
+    for (m1, u1, v1), (m2, u2, v2) in zip(a, b):
+        assert m1 == sorted((c, d, a_, b_) for a_, b_, c, d in m2)
+        assert u1 == v2 and v1 == u2
+
+
+@pytest.mark.parametrize("shape", [(30, 30), (10, 10, 10)])
+def test_strict_matches_only_overlapping_bars(shape, gen):
+    p, t = pair(shape, gen, "continuous", "continuous")
+    f, g = (1 - p).reshape(-1), (1 - t).reshape(-1)
+    loose = lossforge.betti_matching(p, t)
+    res = lossforge.betti_matching(p, t, strict=True)
+    dropped = 0
+    for k in range(len(shape)):
+        idx = lambda c: torch.as_tensor(np.ravel_multi_index(tuple(c.numpy().T), shape) if c.shape[0] else [], dtype=torch.long)
+        fb, fd = f[idx(res.pred_matched_birth[k])], f[idx(res.pred_matched_death[k])]
+        gb, gd = g[idx(res.target_matched_birth[k])], g[idx(res.target_matched_death[k])]
+        assert bool((torch.maximum(fb, gb) < torch.minimum(fd, gd)).all()), f"dimension {k}"
+        dropped += loose.num_matched[k] - res.num_matched[k]
+        # strict matches are a subset of the loose ones
+        assert set(as_sets(res, shape)[k][0]) <= set(as_sets(loose, shape)[k][0])
+    assert dropped > 0  # continuous targets: some pairs match only through empty image bars
+
+
+@pytest.mark.parametrize("shape", [(30, 26), (9, 10, 8)])
+def test_binary_targets_match_only_overlapping_bars(shape, gen):
+    """With a binary target every target bar is [0, 1) (in f = 1 - p), so even the reference's loose
+    matching never pairs non-overlapping bars; strict mode still drops the pairs whose image bar is
+    empty (a prediction component born inside the target's foreground, where c = 0)."""
+    p, t = pair(shape, gen, "continuous", "binary")
+    f, g = (1 - p).reshape(-1), (1 - t).reshape(-1)
+    res = lossforge.betti_matching(p, t)
+    for k in range(len(shape)):
+        idx = lambda c: torch.as_tensor(np.ravel_multi_index(tuple(c.numpy().T), shape) if c.shape[0] else [], dtype=torch.long)
+        fb, fd = f[idx(res.pred_matched_birth[k])], f[idx(res.pred_matched_death[k])]
+        gb, gd = g[idx(res.target_matched_birth[k])], g[idx(res.target_matched_death[k])]
+        assert bool((gb == 0).all() and (gd == 1).all())
+        assert bool((torch.maximum(fb, gb) < torch.minimum(fd, gd)).all())
+
+
+# ---- loss ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(6, 7), (4, 3, 5)])
+@pytest.mark.parametrize("filtration", ["superlevel", "sublevel", "bothlevel"])
+def test_loss_matches_pure_reference(shape, filtration, gen, device):
+    p, t = pair((2, 1) + shape, gen, "continuous", "binary")
+    w = [1.0, 0.5, 2.0][: len(shape)]
+    ours = lossforge.betti_matching_loss(p.to(device), t.to(device), filtration=filtration, dims=w, reduction="none")
+    expected = ref.betti_matching_loss(p, t, filtration, w).reshape(2, 1)
+    torch.testing.assert_close(ours.cpu(), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(33, 31), (11, 10, 9)])
+def test_loss_matches_reference_build_coordinates(shape, gen):
+    """The topolosses formula (values of 1 - p gathered at the build's coordinates)."""
+    p, t = pair(shape, gen, "smooth", "binary")
+    f, g = 1 - p, 1 - t
+    r = reference_build().compute_matching(f.numpy(), g.numpy())
+    expected = 0.0
+    for k in range(len(shape)):
+        def val(img, coords):
+            c = np.asarray(coords).reshape(-1, len(shape))
+            return img.numpy()[tuple(c.T)] if len(c) else np.zeros(0)
+        expected += 2 * (((val(f, r.input1_matched_birth_coordinates[k]) - val(g, r.input2_matched_birth_coordinates[k])) ** 2).sum()
+                         + ((val(f, r.input1_matched_death_coordinates[k]) - val(g, r.input2_matched_death_coordinates[k])) ** 2).sum())
+        expected += ((val(f, r.input1_unmatched_birth_coordinates[k]) - val(f, r.input1_unmatched_death_coordinates[k])) ** 2).sum()
+        expected += ((val(g, r.input2_unmatched_birth_coordinates[k]) - val(g, r.input2_unmatched_death_coordinates[k])) ** 2).sum()
+    ours = lossforge.betti_matching_loss(p[None, None], t[None, None])
+    assert abs(ours.item() - expected) <= 1e-9 * max(1.0, expected)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [(3, 2, 40, 37), (2, 1, 12, 11, 10)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_matches_cpu(shape, dtype, gen):
+    """CUDA inputs: the same pairs (one transfer each way), the loss and its gradient on the device."""
+    p, t = pair(shape, gen, "smooth", "binary", dtype)
+    for kw in ({}, {"filtration": "bothlevel", "relative": True, "dims": [0.5, 1.0, 2.0][: len(shape) - 2]}):
+        xc = p.clone().requires_grad_()
+        xg = p.cuda().requires_grad_()
+        lc = lossforge.betti_matching_loss(xc, t, **kw)
+        lg = lossforge.betti_matching_loss(xg, t.cuda(), **kw)
+        assert lg.device.type == "cuda"
+        torch.testing.assert_close(lg.cpu(), lc)
+        lc.backward()
+        lg.backward()
+        torch.testing.assert_close(xg.grad.cpu(), xc.grad)
+    rc = lossforge.betti_matching(p, t)
+    rg = lossforge.betti_matching(p.cuda(), t.cuda())
+    assert rg[0].pred_matched_birth[0].device.type == "cuda"
+    assert [as_sets(a, shape[2:]) for a in rc] == [as_sets(b, shape[2:]) for b in rg]
+    torch.testing.assert_close(lossforge.betti_number_error(p.cuda(), t.cuda()).cpu(), lossforge.betti_number_error(p, t))
+
+
+def distinct_probs(shape, gen, offset=0.5):
+    """Well-separated distinct values (a random permutation of a grid): finite differences of size
+    1e-6 never change the order of the cells (give pred and target different offsets, so that no
+    value of one equals a value of the other)."""
+    n = int(np.prod(shape))
+    v = (torch.randperm(n, generator=gen).to(torch.float64) + offset) / n
+    return v.reshape(shape)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 6, 5), (1, 2, 3, 4, 3)])
+@pytest.mark.parametrize("filtration", ["superlevel", "bothlevel"])
+@pytest.mark.parametrize("target_kind", ["binary", "distinct"])
+def test_loss_gradcheck(shape, filtration, target_kind, gen, device):
+    p = distinct_probs(shape, gen).to(device).requires_grad_()
+    t = probs(shape, gen, "binary") if target_kind == "binary" else distinct_probs(shape, gen, offset=0.25)
+    t = t.to(device)
+    assert torch.autograd.gradcheck(
+        lambda x: lossforge.betti_matching_loss(x, t, filtration=filtration, dims=[1.0, 0.7, 1.3][: len(shape) - 2]),
+        (p,), eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+def test_loss_gradient_matches_autograd_of_reference(gen, device):
+    p = distinct_probs((1, 1, 7, 6), gen).requires_grad_()
+    t = probs((1, 1, 7, 6), gen, "binary")
+    (expected,) = torch.autograd.grad(ref.betti_matching_loss(p, t).sum(), p)
+    pd = p.detach().to(device).requires_grad_()
+    (ours,) = torch.autograd.grad(lossforge.betti_matching_loss(pd, t.to(device), reduction="sum"), pd)
+    torch.testing.assert_close(ours.cpu(), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_loss_float32_and_half_inputs(gen, device):
+    p, t = pair((2, 2, 20, 21), gen, "smooth", "binary")
+    ref64 = lossforge.betti_matching_loss(p.float().double().to(device), t.to(device))
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = p.to(dtype).to(device).requires_grad_()
+        loss = lossforge.betti_matching_loss(x, t.to(device))
+        assert loss.dtype == dtype
+        loss.backward()
+        assert x.grad.dtype == dtype and bool(torch.isfinite(x.grad).all())
+    x32 = lossforge.betti_matching_loss(p.float().to(device), t.to(device))
+    torch.testing.assert_close(x32.double(), ref64, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_loss_reduction_and_target_unmatched(reduction, gen, device):
+    p, t = pair((3, 2, 12, 13), gen, "continuous", "smooth")
+    p, t = p.to(device), t.to(device)
+    per = lossforge.betti_matching_loss(p, t, reduction="none")
+    assert per.shape == (3, 2)
+    out = lossforge.betti_matching_loss(p, t, reduction=reduction)
+    expected = {"mean": per.mean(), "sum": per.sum(), "none": per}[reduction]
+    torch.testing.assert_close(out, expected)
+    # dropping the target's unmatched bars removes exactly their (constant) terms
+    without = lossforge.betti_matching_loss(p, t, reduction="none", include_target_unmatched=False)
+    g = 1 - t
+    for i in range(6):
+        res = lossforge.betti_matching(p.reshape(6, 12, 13)[i], t.reshape(6, 12, 13)[i])
+        gi = g.reshape(6, 12, 13)[i]
+        const = sum(((gi[tuple(b.T)] - gi[tuple(d.T)]) ** 2).sum() for b, d in zip(res.target_unmatched_birth, res.target_unmatched_death))
+        torch.testing.assert_close(per.reshape(-1)[i] - without.reshape(-1)[i], const, rtol=1e-9, atol=1e-12)
+
+
+def test_dims_weights_are_linear(gen, device):
+    p, t = pair((2, 1, 6, 7, 5), gen, "continuous", "binary")
+    p, t = p.to(device), t.to(device)
+    parts = [lossforge.betti_matching_loss(p, t, dims=[float(i == k) for i in range(3)], reduction="none") for k in range(3)]
+    w = [0.3, 2.0, 1.5]
+    torch.testing.assert_close(lossforge.betti_matching_loss(p, t, dims=w, reduction="none"),
+                               sum(wk * pk for wk, pk in zip(w, parts)))
+    torch.testing.assert_close(lossforge.betti_matching_loss(p, t, reduction="none"), sum(parts))
+
+
+def test_bothlevel_is_the_sum_of_both_filtrations(gen, device):
+    p, t = pair((2, 2, 11, 12), gen, "ties", "continuous")
+    p, t = p.to(device), t.to(device)
+    both = lossforge.betti_matching_loss(p, t, filtration="bothlevel", reduction="none")
+    sup = lossforge.betti_matching_loss(p, t, filtration="superlevel", reduction="none")
+    sub = lossforge.betti_matching_loss(p, t, filtration="sublevel", reduction="none")
+    torch.testing.assert_close(both, sup + sub)
+    res = lossforge.betti_matching(p[0, 0], t[0, 0], filtration="bothlevel")
+    assert res[0].filtration == "superlevel" and res[1].filtration == "sublevel"
+    assert as_sets(res[1], (11, 12)) == as_sets(lossforge.betti_matching(p[0, 0], t[0, 0], filtration="sublevel"), (11, 12))
+
+
+@pytest.mark.parametrize("filtration", ["superlevel", "sublevel"])
+def test_relative_pads_a_frame(filtration, gen, device):
+    p, t = pair((1, 1, 10, 9), gen, "continuous", "binary")
+    p, t = p.to(device), t.to(device)
+    rel = lossforge.betti_matching(p[0, 0], t[0, 0], filtration=filtration, relative=True)
+    v = (lambda x: x.max()) if filtration == "superlevel" else (lambda x: x.min())
+    pp = torch.nn.functional.pad(p[0, 0], (1, 1, 1, 1), value=float(v(p)))
+    tp = torch.nn.functional.pad(t[0, 0], (1, 1, 1, 1), value=float(v(t)))
+    assert as_sets(rel, (12, 11)) == as_sets(lossforge.betti_matching(pp, tp, filtration=filtration), (12, 11))
+    loss = lossforge.betti_matching_loss(p, t, filtration=filtration, relative=True)
+    torch.testing.assert_close(loss, lossforge.betti_matching_loss(pp[None, None], tp[None, None], filtration=filtration))
+    x = p.clone().requires_grad_()
+    lossforge.betti_matching_loss(x, t, filtration=filtration, relative=True).backward()
+    assert x.grad.shape == p.shape and bool(torch.isfinite(x.grad).all())
+
+
+# ---- the ops: opcheck, the loss kernel against torch ----------------------------------------------
+
+def rows_for(p, t, include_target_unmatched=True):
+    N = p.shape[0]
+    return ops.betti_matching_pairs((1 - p).contiguous(), (1 - t).contiguous(), False, include_target_unmatched)
+
+
+def test_opcheck_ops(gen, device):
+    p, t = pair((3, 7, 6), gen, "continuous", "binary")
+    torch.library.opcheck(ops.betti_matching_pairs.default, ((1 - p).contiguous(), (1 - t).contiguous(), False, True),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(ops.persistence_pairs.default, (p.contiguous(), True), test_utils=("test_schema", "test_faketensor"))
+    rows, _ = rows_for(p, t)
+    x = p.reshape(3, -1).to(device).requires_grad_()
+    y = t.reshape(3, -1).to(device)
+    w = torch.rand(2, 3, generator=gen, dtype=torch.float64).to(device)
+    torch.library.opcheck(ops.betti_matching_loss_rows.default, (x, y, rows.to(device), w))
+    g = torch.rand(3, generator=gen, dtype=torch.float64).to(device)
+    torch.library.opcheck(ops.betti_matching_loss_rows_backward.default, (g, x.detach(), y, rows.to(device), w))
+
+
+def loss_rows_torch(pred, target, rows, w):
+    """The loss over rows in plain torch (the same formula as the kernel, autograd for the backward)."""
+    D = w.shape[0]
+    seg = rows[:, 0]
+    n, kind, k = seg // (3 * D), seg % 3, (seg % (3 * D)) // 3
+    V = pred.shape[1]
+    p, t = pred.reshape(-1), target.reshape(-1)
+    at = lambda x, c: x[n * V + rows[:, c].clamp(min=0)]
+    m = 2 * ((at(p, 1) - at(t, 3)) ** 2 + (at(p, 2) - at(t, 4)) ** 2)
+    u = (at(p, 1) - at(p, 2)) ** 2
+    v = (at(t, 3) - at(t, 4)) ** 2
+    term = torch.where(kind == 0, m, torch.where(kind == 1, u, v)) * w[k, kind]
+    return torch.zeros(pred.shape[0], dtype=pred.dtype, device=pred.device).index_add(0, n, term)
+
+
+@pytest.mark.parametrize("shape", [(4, 13, 12), (3, 5, 6, 4)])
+def test_loss_rows_kernel_matches_torch(shape, gen, device):
+    p, t = pair(shape, gen, "continuous", "ties")
+    rows, _ = rows_for(p, t)
+    D = len(shape) - 1
+    w = (torch.rand(D, 3, generator=gen, dtype=torch.float64) + 0.5)
+    x = p.reshape(shape[0], -1).to(device).requires_grad_()
+    y = t.reshape(shape[0], -1).to(device)
+    ours = ops.betti_matching_loss_rows(x, y, rows.to(device), w.to(device))
+    x2 = x.detach().clone().requires_grad_()
+    expected = loss_rows_torch(x2, y, rows.to(device), w.to(device))
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
+    g = torch.rand(shape[0], generator=gen, dtype=torch.float64).to(device)
+    (gx,) = torch.autograd.grad(ours, x, g)
+    (gx2,) = torch.autograd.grad(expected, x2, g)
+    torch.testing.assert_close(gx, gx2, rtol=1e-12, atol=1e-12)
+
+
+# ---- metrics ------------------------------------------------------------------------------------
+
+def betti_numbers_oracle(mask):
+    """Betti numbers of a binary mask's V-construction complex (4/6-connected foreground) from
+    scipy.ndimage component labelling and the Euler characteristic."""
+    from scipy import ndimage
+
+    mask = np.asarray(mask, bool)
+    D = mask.ndim
+    b0 = ndimage.label(mask, structure=ndimage.generate_binary_structure(D, 1))[1]
+    bg = np.pad(~mask, 1, constant_values=True)
+    holes = ndimage.label(bg, structure=ndimage.generate_binary_structure(D, D))[1] - 1
+    if D == 2:
+        return [b0, holes]
+    # Euler characteristic of the cubical complex: cells whose vertices are all foreground
+    chi = 0
+    for axes_len in range(4):
+        for axes in __import__("itertools").combinations(range(3), axes_len):
+            sl = mask
+            for a in axes:
+                n = sl.shape[a]
+                sl = np.logical_and(sl.take(range(n - 1), a), sl.take(range(1, n), a))
+            chi += (-1) ** axes_len * int(sl.sum())
+    return [b0, b0 + holes - chi, holes]
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 24, 20), (1, 2, 9, 10, 8)])
+def test_betti_number_error_matches_scipy(shape, gen, device):
+    p, t = pair(shape, gen, "smooth", "binary")
+    err = lossforge.betti_number_error(p.to(device), t.to(device), threshold=0.5)
+    assert err.shape == shape[:2]
+    D = len(shape) - 2
+    for i in range(shape[0] * shape[1]):
+        bp = betti_numbers_oracle(p.reshape((-1,) + shape[2:])[i].numpy() >= 0.5)
+        bt = betti_numbers_oracle(t.reshape((-1,) + shape[2:])[i].numpy() >= 0.5)
+        assert err.reshape(-1)[i].item() == sum(abs(a - b) for a, b in zip(bp, bt))
+
+
+def test_betti_matching_error_is_loss_of_binarised_inputs(gen, device):
+    p, t = pair((2, 2, 17, 16), gen, "smooth", "smooth")
+    p, t = p.to(device), t.to(device)
+    for filtration in ("superlevel", "sublevel"):
+        err = lossforge.betti_matching_error(p, t, threshold=0.4, filtration=filtration)
+        if filtration == "superlevel":
+            pb, tb = (p >= 0.4).double(), (t >= 0.4).double()
+        else:
+            pb, tb = (p <= 0.4).double(), (t <= 0.4).double()
+        torch.testing.assert_close(err, lossforge.betti_matching_loss(pb, tb, reduction="none").to(err.dtype))
+    both = lossforge.betti_matching_error(p, t, threshold=0.4, filtration="bothlevel", reduction="sum")
+    assert both.item() == (lossforge.betti_matching_error(p, t, 0.4, "superlevel", reduction="sum")
+                           + lossforge.betti_matching_error(p, t, 0.4, "sublevel", reduction="sum")).item()
+
+
+# ---- modules ------------------------------------------------------------------------------------
+
+def test_modules(gen, device):
+    p, t = pair((2, 2, 14, 15), gen, "smooth", "binary")
+    p, t = p.to(device).requires_grad_(), t.to(device)
+    m = lnn.BettiMatchingLoss(filtration="bothlevel", dims=(1.0, 0.5))
+    torch.testing.assert_close(m(p, t), lossforge.betti_matching_loss(p, t, filtration="bothlevel", dims=(1.0, 0.5)))
+    assert "bothlevel" in repr(m)
+    d = lnn.DiceBettiMatchingLoss(alpha=0.3)
+    inter = (p * t).sum((2, 3))
+    dice = (1 - (2 * inter + 1e-5) / (p.sum((2, 3)) + t.sum((2, 3)) + 1e-5)).mean()
+    out = d(p, t)
+    torch.testing.assert_close(out, dice + 0.3 * lossforge.betti_matching_loss(p, t))
+    out.backward()
+    assert p.grad is not None and bool(torch.isfinite(p.grad).all())
+    assert lnn.DiceBettiMatchingLoss(alpha=0.0)(p, t).item() == pytest.approx(dice.item())
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+def test_bad_input(gen):
+    p, t = pair((1, 1, 6, 6), gen, "continuous", "binary")
+    with pytest.raises(ValueError, match="target must have pred's shape"):
+        lossforge.betti_matching_loss(p, t[..., :5])
+    with pytest.raises(ValueError, match="target must have pred's shape"):
+        lossforge.betti_matching(p[0, 0], t[0, 0, :5])
+    bad = p.clone()
+    bad[0, 0, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="pred contains NaN"):
+        lossforge.betti_matching_loss(bad, t)
+    with pytest.raises(ValueError, match="target contains NaN"):
+        lossforge.betti_matching(t[0, 0], bad[0, 0])
+    with pytest.raises(ValueError, match="image contains NaN"):
+        lossforge.persistence_barcode(bad)
+    with pytest.raises(ValueError, match=r"2D or 3D images.*\(1 dimensions\)"):
+        lossforge.persistence_barcode(torch.rand(5))
+    with pytest.raises(ValueError, match=r"\(6 dimensions\)"):
+        lossforge.betti_matching(torch.rand(1, 1, 2, 3, 3, 3), torch.rand(1, 1, 2, 3, 3, 3))
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\].*got \(6, 6\)"):
+        lossforge.betti_matching_loss(p[0, 0], t[0, 0])
+    with pytest.raises(ValueError, match="pred is empty"):
+        lossforge.betti_matching_loss(torch.rand(2, 1, 0, 4), torch.rand(2, 1, 0, 4))
+    with pytest.raises(ValueError, match="image is empty"):
+        lossforge.persistence_barcode(torch.rand(3, 0))
+    with pytest.raises(ValueError, match="filtration must be one of"):
+        lossforge.betti_matching_loss(p, t, filtration="upper")
+    with pytest.raises(ValueError, match="filtration must be one of 'superlevel', 'sublevel'"):
+        lossforge.persistence_barcode(p, filtration="bothlevel")
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        lossforge.betti_matching_loss(p, t, reduction="max")
+    with pytest.raises(ValueError, match=r"dims must have one weight per homology dimension 0..1 \(2 values\), got 3"):
+        lossforge.betti_matching_loss(p, t, dims=[1, 1, 1])
+    with pytest.raises(ValueError, match="finite and non-negative"):
+        lossforge.betti_matching_loss(p, t, dims=[1, -1])
+    with pytest.raises(TypeError, match="pred must be a torch.Tensor"):
+        lossforge.betti_matching_loss(p.numpy(), t)
+    with pytest.raises(TypeError, match="floating-point"):
+        lossforge.betti_matching_loss((p > 0.5).long(), t)
+    with pytest.raises(ValueError, match="threshold must be a finite number"):
+        lossforge.betti_number_error(p, t, threshold=float("nan"))
+    with pytest.raises(ValueError, match="alpha must be a non-negative number"):
+        lnn.DiceBettiMatchingLoss(alpha=-1)
+
+
+def test_bad_input_reaches_cpp_checks(gen):
+    f = torch.rand(2, 5, 6, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="f and g must have the same shape"):
+        ops.betti_matching_pairs(f, f[:, :4].contiguous(), False, True)
+    with pytest.raises(RuntimeError, match="must have shape \\[N, H, W\\] or \\[N, D, H, W\\]"):
+        ops.betti_matching_pairs(f[0], f[0], False, True)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        ops.persistence_pairs(f.half(), False)
+    g = f.clone()
+    g[1, 2, 3] = float("nan")
+    with pytest.raises(RuntimeError, match="g contains NaN"):
+        ops.betti_matching_pairs(f, g, False, True)
+    with pytest.raises(RuntimeError, match="empty spatial dimension"):
+        ops.persistence_pairs(torch.rand(1, 0, 3), False)
+    rows, _ = ops.betti_matching_pairs(f, torch.rand(2, 5, 6, dtype=torch.float64), False, True)
+    w = torch.ones(2, 3, dtype=torch.float64)
+    bad = rows.clone()
+    bad[0, 1] = 10 ** 6
+    with pytest.raises(RuntimeError, match="indexes pixel"):
+        ops.betti_matching_loss_rows(f.reshape(2, -1), f.reshape(2, -1), bad, w)
+    with pytest.raises(RuntimeError, match="weights must be float64"):
+        ops.betti_matching_loss_rows(f.reshape(2, -1), f.reshape(2, -1), rows, w.float())
+    if rows.shape[0] > 1:
+        with pytest.raises(RuntimeError, match="grouped by instance"):
+            ops.betti_matching_loss_rows(f.reshape(2, -1), f.reshape(2, -1), rows.flip(0).contiguous(), w)
