@@ -12,17 +12,13 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define LF_BM_HD __host__ __device__ __forceinline__
-#else
-#define LF_BM_HD inline
-#endif
+#include "common/host_device.h"
 
 namespace lossforge {
 namespace betti_matching {
 
 template <typename A, typename T>
-LF_BM_HD A row_loss(const int64_t* row, const T* p, const T* t, const double* w, int64_t D) {
+LF_HOST_DEVICE A row_loss(const int64_t* row, const T* p, const T* t, const double* w, int64_t D) {
   const int64_t seg = row[0];
   const int64_t kind = seg % 3;
   const A wk = static_cast<A>(w[seg % (3 * D)]);
@@ -41,7 +37,7 @@ LF_BM_HD A row_loss(const int64_t* row, const T* p, const T* t, const double* w,
 
 // d(row loss)/d p at pixels row[1] (d0) and row[2] (d1); false when the row does not depend on p.
 template <typename A, typename T>
-LF_BM_HD bool row_grad(const int64_t* row, const T* p, const T* t, const double* w, int64_t D, A& d0, A& d1) {
+LF_HOST_DEVICE bool row_grad(const int64_t* row, const T* p, const T* t, const double* w, int64_t D, A& d0, A& d1) {
   const int64_t seg = row[0];
   const int64_t kind = seg % 3;
   const A wk = static_cast<A>(w[seg % (3 * D)]);

@@ -16,11 +16,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__CUDACC__)
-#define LF_MFAC_HD __host__ __device__ __forceinline__
-#else
-#define LF_MFAC_HD inline
-#endif
+#include "common/host_device.h"
 
 namespace lossforge {
 namespace mfac {
@@ -28,7 +24,7 @@ namespace mfac {
 constexpr int64_t kChunk = 4096;      // CPU: columns per task (its x buffer stays in L1/L2)
 constexpr int64_t kCudaTile = 2048;   // CUDA: columns per block in pass 1 (x tile in shared memory)
 
-LF_MFAC_HD float bf16_to_float(uint16_t b) {
+LF_HOST_DEVICE float bf16_to_float(uint16_t b) {
   const uint32_t u = static_cast<uint32_t>(b) << 16;
 #if defined(__CUDA_ARCH__)
   return __uint_as_float(u);
@@ -40,7 +36,7 @@ LF_MFAC_HD float bf16_to_float(uint16_t b) {
 }
 
 // Round to nearest even; NaN stays a (quiet) NaN. Same bits as torch's float -> bfloat16 conversion.
-LF_MFAC_HD uint16_t float_to_bf16(float f) {
+LF_HOST_DEVICE uint16_t float_to_bf16(float f) {
 #if defined(__CUDA_ARCH__)
   uint32_t u = __float_as_uint(f);
 #else
@@ -63,23 +59,23 @@ struct Compute<double> {
   using type = double;
 };
 
-LF_MFAC_HD float load(float v) { return v; }
-LF_MFAC_HD double load(double v) { return v; }
-LF_MFAC_HD float load(uint16_t v) { return bf16_to_float(v); }
+LF_HOST_DEVICE float load(float v) { return v; }
+LF_HOST_DEVICE double load(double v) { return v; }
+LF_HOST_DEVICE float load(uint16_t v) { return bf16_to_float(v); }
 
-LF_MFAC_HD float store_value(float v, float*) { return v; }
-LF_MFAC_HD double store_value(double v, double*) { return v; }
-LF_MFAC_HD uint16_t store_value(float v, uint16_t*) { return float_to_bf16(v); }
+LF_HOST_DEVICE float store_value(float v, float*) { return v; }
+LF_HOST_DEVICE double store_value(double v, double*) { return v; }
+LF_HOST_DEVICE uint16_t store_value(float v, uint16_t*) { return float_to_bf16(v); }
 
 // The value a compute-type number has once stored (the identity except for bfloat16 storage).
-LF_MFAC_HD float stored(float v, const float*) { return v; }
-LF_MFAC_HD double stored(double v, const double*) { return v; }
-LF_MFAC_HD float stored(float v, const uint16_t*) { return bf16_to_float(float_to_bf16(v)); }
+LF_HOST_DEVICE float stored(float v, const float*) { return v; }
+LF_HOST_DEVICE double stored(double v, const double*) { return v; }
+LF_HOST_DEVICE float stored(float v, const uint16_t*) { return bf16_to_float(float_to_bf16(v)); }
 
 // The optimizer's per-coordinate update, after the IHVP y of the (weight-decayed) gradient:
 // official M-FAC semantics: v <- momentum v + (1 - momentum) y (when momentum > 0), p <- p - lr v.
 template <typename A>
-LF_MFAC_HD A momentum_update(A y, A* v, A momentum) {
+LF_HOST_DEVICE A momentum_update(A y, A* v, A momentum) {
   if (momentum > A(0)) {
     const A nv = momentum * *v + (A(1) - momentum) * y;
     *v = nv;

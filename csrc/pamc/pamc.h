@@ -13,11 +13,7 @@
 #include <cstdint>
 #include <limits>
 
-#if defined(__CUDACC__)
-#define LF_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define LF_HOST_DEVICE inline
-#endif
+#include "common/host_device.h"
 
 namespace lossforge {
 namespace pamc {

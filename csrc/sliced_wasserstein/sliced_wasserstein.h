@@ -16,13 +16,7 @@
 #include <cstdint>
 #include <cstring>
 
-#ifndef LF_HOST_DEVICE
-#if defined(__CUDACC__)
-#define LF_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define LF_HOST_DEVICE inline
-#endif
-#endif
+#include "common/host_device.h"
 
 namespace lossforge {
 namespace sliced_wasserstein {

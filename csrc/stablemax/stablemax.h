@@ -8,11 +8,7 @@
 
 #include <cmath>
 
-#if defined(__CUDACC__)
-#define LF_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define LF_HOST_DEVICE inline
-#endif
+#include "common/host_device.h"
 
 // Overloaded math (float stays float): CUDA's device overloads, std:: on the host.
 #if defined(__CUDA_ARCH__)

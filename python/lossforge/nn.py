@@ -3,7 +3,14 @@ import torch
 
 from .stablemax import _check_options, stablemax_cross_entropy
 
-__all__ = ["StableMaxCrossEntropyLoss"]
+__all__ = [
+    "StableMaxCrossEntropyLoss",
+    "AmortizedSlicedWasserstein",
+    "EfficientAttentionAmortizer",
+    "BettiMatchingLoss",
+    "DiceBettiMatchingLoss",
+    "PamCLoss",
+]
 
 # StableMax
 

@@ -3,7 +3,7 @@ import torch
 
 from .stablemax import _orthograd_
 
-__all__ = ["OrthoGrad"]
+__all__ = ["OrthoGrad", "MFAC"]
 
 # StableMax (⊥Grad)
 
