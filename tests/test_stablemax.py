@@ -395,6 +395,22 @@ def test_orthograd_non_contiguous_and_zero(device):
     assert (z == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_orthograd_gradient_parallel_to_the_parameter(dtype, gen, device):
+    """g parallel to w (always so for a one-element parameter): g_perp is rounding noise. As with the
+    reference, the result must keep the norm of g; rescaling by a closed-form |g_perp|^2 =
+    |g|^2 - (w.g)^2 / |w|^2, which cancels to about 0, blew it up by up to 1e23."""
+    cases = [(torch.randn(1, generator=gen), torch.randn(1, generator=gen)) for _ in range(50)]
+    w = torch.randn(1000, generator=gen)
+    cases += [(w, c * w) for c in (3.0, -0.7, 1e-3)]
+    for w, g in cases:
+        w, g = w.to(dtype).to(device), g.to(dtype).to(device)
+        got = g.clone()
+        _orthograd_(got, w)
+        assert torch.isfinite(got).all()
+        assert got.double().norm() <= g.double().norm() * 1.01
+
+
 def _train(opt_factory, steps=5, seed=0):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).double()

@@ -1,6 +1,7 @@
 // StableMax CPU kernels: one pass per row for the forward, one for the backward, parallel over rows
 // on torch's thread pool. Rows are contiguous (class dim last) or strided ([N, C, d1, ...]).
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <vector>
@@ -309,49 +310,54 @@ Tensor stablemax_cross_entropy_backward_cpu(Tensor grad_rows, Tensor input, Tens
   return gx;
 }
 
-// ⊥Grad: pass 1 accumulates w.g, w.w, g.g in float64 over fixed chunks (deterministic for any thread
-// count); pass 2 writes the rescaled orthogonal component in place.
+// Float64 sums of K terms per element (term(i, sums) adds element i's), over fixed chunks added in chunk
+// order: the same result for any number of threads.
+template <int K, typename F>
+std::array<double, K> chunked_sums(int64_t n, int64_t chunk, F term) {
+  const int64_t nchunks = (n + chunk - 1) / chunk;
+  std::vector<std::array<double, K>> partial(nchunks);
+  torch::stable::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      std::array<double, K> s{};
+      for (int64_t i = c * chunk, hi = std::min(n, i + chunk); i < hi; ++i) term(i, s);
+      partial[c] = s;
+    }
+  });
+  std::array<double, K> total{};
+  for (const auto& p : partial)
+    for (int k = 0; k < K; ++k) total[k] += p[k];
+  return total;
+}
+
+// ⊥Grad: pass 1 sums w.g, w.w, g.g; pass 2 the squared norm of g_perp = g - proj w exactly as pass 3
+// writes it; pass 3 writes g_perp * |g| / (|g_perp| + 1e-30) in place. The norm is measured, not taken
+// from the closed form |g|^2 - (w.g)^2 / |w|^2: when g is (nearly) parallel to w, as it always is for a
+// one-element parameter, that cancels to ~0 while g_perp is rounding noise, and g would be blown up.
 void orthograd_cpu(Tensor grad, Tensor param) {
   const char* op = "orthograd_";
   check_orthograd_args(grad, param, false);
   const int64_t n = grad.numel();
   if (n == 0) return;
   constexpr int64_t kChunk = 1 << 16;
-  const int64_t nchunks = (n + kChunk - 1) / kChunk;
-  std::vector<double> partial(3 * nchunks, 0.0);
   LF_DISPATCH_FLOATING(grad.scalar_type(), op, [&] {
     using A = typename Acc<scalar_t>::type;
     const scalar_t* w = param.const_data_ptr<scalar_t>();
     scalar_t* g = grad.mutable_data_ptr<scalar_t>();
-    torch::stable::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t lo = c * kChunk, hi = std::min(n, lo + kChunk);
-        double wg = 0, ww = 0, gg = 0;
-        for (int64_t i = lo; i < hi; ++i) {
-          const double wi = static_cast<double>(static_cast<A>(w[i]));
-          const double gi = static_cast<double>(static_cast<A>(g[i]));
-          wg += wi * gi;
-          ww += wi * wi;
-          gg += gi * gi;
-        }
-        partial[3 * c] = wg;
-        partial[3 * c + 1] = ww;
-        partial[3 * c + 2] = gg;
-      }
+    const auto dots = chunked_sums<3>(n, kChunk, [&](int64_t i, std::array<double, 3>& s) {
+      const double wi = static_cast<A>(w[i]), gi = static_cast<A>(g[i]);
+      s[0] += wi * gi;
+      s[1] += wi * wi;
+      s[2] += gi * gi;
     });
-    double wg = 0, ww = 0, gg = 0;
-    for (int64_t c = 0; c < nchunks; ++c) {
-      wg += partial[3 * c];
-      ww += partial[3 * c + 1];
-      gg += partial[3 * c + 2];
-    }
-    const double proj = wg / (ww + 1e-30);
-    const double perp2 = std::max(gg - 2.0 * proj * wg + proj * proj * ww, 0.0);
-    const double scale = std::sqrt(gg) / (std::sqrt(perp2) + 1e-30);
-    const A a_proj = static_cast<A>(proj), a_scale = static_cast<A>(scale);
+    const A proj = static_cast<A>(dots[0] / (dots[1] + 1e-30));
+    auto perp = [&](int64_t i) { return static_cast<A>(g[i]) - proj * static_cast<A>(w[i]); };
+    const double perp2 = chunked_sums<1>(n, kChunk, [&](int64_t i, std::array<double, 1>& s) {
+      const double p = perp(i);
+      s[0] += p * p;
+    })[0];
+    const A scale = static_cast<A>(std::sqrt(dots[2]) / (std::sqrt(perp2) + 1e-30));
     torch::stable::parallel_for(0, n, kChunk, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i)
-        g[i] = static_cast<scalar_t>((static_cast<A>(g[i]) - a_proj * static_cast<A>(w[i])) * a_scale);
+      for (int64_t i = lo; i < hi; ++i) g[i] = static_cast<scalar_t>(perp(i) * scale);
     });
   });
 }

@@ -280,15 +280,18 @@ Tensor stablemax_cross_entropy_backward_cuda(Tensor grad_rows, Tensor input, Ten
   return gx;
 }
 
-// ⊥Grad: kernel 1 accumulates (w.g, w.w, g.g) in float64 (block sums, then one atomicAdd per block
-// into a 3-element device buffer); kernel 2 reads the buffer and rescales g in place. No host sync.
+// ⊥Grad in three kernels, no host sync: (w.g, w.w, g.g), then the squared norm of g_perp = g - proj w
+// exactly as the last kernel writes it, then g <- g_perp * |g| / (|g_perp| + 1e-30) in place. The norm
+// is measured, not taken from the closed form |g|^2 - (w.g)^2 / |w|^2, which cancels to ~0 when g is
+// (nearly) parallel to w (always so for a one-element parameter) while g_perp is rounding noise.
+// Float64 block sums, one atomicAdd per block into sums[4] = (w.g, w.w, g.g, |g_perp|^2).
 template <typename T>
 __global__ void orthograd_dots_kernel(const T* __restrict__ w, const T* __restrict__ g, int64_t n,
-                                      double* __restrict__ dots) {
+                                      double* __restrict__ sums) {
+  using A = typename Acc<T>::type;
   double wg = 0, ww = 0, gg = 0;
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-    const double wi = static_cast<double>(static_cast<float>(w[i]));
-    const double gi = static_cast<double>(static_cast<float>(g[i]));
+    const double wi = static_cast<A>(w[i]), gi = static_cast<A>(g[i]);
     wg += wi * gi;
     ww += wi * wi;
     gg += gi * gi;
@@ -297,41 +300,44 @@ __global__ void orthograd_dots_kernel(const T* __restrict__ w, const T* __restri
   ww = group_sum<kBlock>(ww);
   gg = group_sum<kBlock>(gg);
   if (threadIdx.x == 0) {
-    atomicAdd(dots, wg);
-    atomicAdd(dots + 1, ww);
-    atomicAdd(dots + 2, gg);
+    atomicAdd(sums, wg);
+    atomicAdd(sums + 1, ww);
+    atomicAdd(sums + 2, gg);
   }
 }
 
-template <>
-__global__ void orthograd_dots_kernel<double>(const double* __restrict__ w, const double* __restrict__ g, int64_t n,
-                                              double* __restrict__ dots) {
-  double wg = 0, ww = 0, gg = 0;
+// g_perp's element i, for the norm and for the write: the same function and a product that is never
+// contracted into an FMA, so that both round alike.
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+
+template <typename T, typename A>
+__device__ __forceinline__ A orthograd_perp(const T* __restrict__ w, const T* __restrict__ g, int64_t i, A proj) {
+  return static_cast<A>(g[i]) - mul_rn(proj, static_cast<A>(w[i]));
+}
+
+template <typename T>
+__global__ void orthograd_perp_norm_kernel(const T* __restrict__ w, const T* __restrict__ g, int64_t n,
+                                           double* __restrict__ sums) {
+  using A = typename Acc<T>::type;
+  const A proj = static_cast<A>(sums[0] / (sums[1] + 1e-30));
+  double pp = 0;
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-    wg += w[i] * g[i];
-    ww += w[i] * w[i];
-    gg += g[i] * g[i];
+    const double p = orthograd_perp(w, g, i, proj);
+    pp += p * p;
   }
-  wg = group_sum<kBlock>(wg);
-  ww = group_sum<kBlock>(ww);
-  gg = group_sum<kBlock>(gg);
-  if (threadIdx.x == 0) {
-    atomicAdd(dots, wg);
-    atomicAdd(dots + 1, ww);
-    atomicAdd(dots + 2, gg);
-  }
+  pp = group_sum<kBlock>(pp);
+  if (threadIdx.x == 0) atomicAdd(sums + 3, pp);
 }
 
 template <typename T>
 __global__ void orthograd_apply_kernel(const T* __restrict__ w, T* __restrict__ g, int64_t n,
-                                       const double* __restrict__ dots) {
+                                       const double* __restrict__ sums) {
   using A = typename Acc<T>::type;
-  const double wg = dots[0], ww = dots[1], gg = dots[2];
-  const double proj = wg / (ww + 1e-30);
-  const double perp2 = fmax(gg - 2.0 * proj * wg + proj * proj * ww, 0.0);
-  const A a_proj = static_cast<A>(proj), a_scale = static_cast<A>(sqrt(gg) / (sqrt(perp2) + 1e-30));
+  const A proj = static_cast<A>(sums[0] / (sums[1] + 1e-30));
+  const A scale = static_cast<A>(sqrt(sums[2]) / (sqrt(sums[3]) + 1e-30));
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
-    g[i] = static_cast<T>((static_cast<A>(g[i]) - a_proj * static_cast<A>(w[i])) * a_scale);
+    g[i] = static_cast<T>(orthograd_perp(w, g, i, proj) * scale);
 }
 
 void orthograd_cuda(Tensor grad, Tensor param) {
@@ -340,13 +346,14 @@ void orthograd_cuda(Tensor grad, Tensor param) {
   if (n == 0) return;
   torch::stable::accelerator::DeviceGuard guard(grad.get_device_index());
   cudaStream_t stream = current_stream(grad);
-  Tensor dots = torch::stable::new_zeros(grad, {3}, ScalarType::Double);
+  Tensor sums = torch::stable::new_zeros(grad, {4}, ScalarType::Double);
   const unsigned grid = (unsigned)std::min<int64_t>(ceil_div(n, kBlock), 1024);
   LF_DISPATCH_FLOATING(grad.scalar_type(), "orthograd_", [&] {
-    orthograd_dots_kernel<scalar_t><<<grid, kBlock, 0, stream>>>(
-        param.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), n, dots.mutable_data_ptr<double>());
-    orthograd_apply_kernel<scalar_t><<<grid, kBlock, 0, stream>>>(
-        param.const_data_ptr<scalar_t>(), grad.mutable_data_ptr<scalar_t>(), n, dots.const_data_ptr<double>());
+    const scalar_t* w = param.const_data_ptr<scalar_t>();
+    double* s = sums.mutable_data_ptr<double>();
+    orthograd_dots_kernel<scalar_t><<<grid, kBlock, 0, stream>>>(w, grad.const_data_ptr<scalar_t>(), n, s);
+    orthograd_perp_norm_kernel<scalar_t><<<grid, kBlock, 0, stream>>>(w, grad.const_data_ptr<scalar_t>(), n, s);
+    orthograd_apply_kernel<scalar_t><<<grid, kBlock, 0, stream>>>(w, grad.mutable_data_ptr<scalar_t>(), n, s);
   });
   LF_CHECK_LAUNCH("orthograd_");
 }

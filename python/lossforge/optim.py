@@ -14,7 +14,9 @@ class OrthoGrad(torch.optim.Optimizer):
     Before each step of the base optimizer, every parameter's gradient g is replaced by its
     component orthogonal to the parameter w, rescaled to the norm of g:
         g_perp = g - (w·g / (w·w + 1e-30)) w,   g <- g_perp * ‖g‖ / (‖g_perp‖ + 1e-30).
-    One fused kernel per tensor (dot products accumulated in float64; no host sync on CUDA).
+    Per tensor, one pass for the three dot products, one for the norm of g_perp as written (not the
+    closed form, which cancels when g is nearly parallel to w, e.g. for a one-element parameter) and
+    one that writes; sums in float64, no host sync on CUDA.
 
     Every keyword argument is forwarded to `base_optimizer_cls` (the original release dropped them),
     and per-group options in `params` are kept:
