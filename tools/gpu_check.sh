@@ -26,18 +26,24 @@ rm -rf "$site"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl || status=1
 fi
+# run from /tmp: the tests must import the installed package, not the source tree
+cuda_kernels_load() {
+  (cd /tmp && python3 -c "import lossforge, sys; sys.exit(not lossforge.build_info()['cuda_kernels_loaded'])")
+}
 if ls dist/lossforge-*.whl >/dev/null 2>&1 &&
-   python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" dist/lossforge-*.whl; then
+   python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" dist/lossforge-*.whl &&
+   PYTHONPATH="$site" cuda_kernels_load; then
   echo "installed the CPU machine's wheel: $(ls dist/lossforge-*.whl)" | tee "$OUT/install.txt"
   export PYTHONPATH="$site"
 else
-  echo "no usable wheel: building here" | tee "$OUT/install.txt"
+  echo "no usable wheel (none, or its CUDA kernels do not load here): building here" | tee "$OUT/install.txt"
   FORCE_CUDA=1 python3 setup.py build_ext --inplace >"$OUT/build.log" 2>&1 || { echo "build failed"; exit 1; }
   export PYTHONPATH="$PWD/python:$site"
 fi
-# tests must import the installed package, not the source tree
 (cd /tmp && python3 -c "import lossforge, json; print(json.dumps(lossforge.build_info(), indent=1))") \
   | tee "$OUT/build_info.json"
+# without the CUDA kernels every CUDA test would be skipped and the check would pass: fail instead
+cuda_kernels_load || { echo "gpu_check: the CUDA kernels did not load (see build_info.json)"; status=1; }
 
 # the CUDA tests: every test parametrized with device=cuda and every test marked cuda
 python3 -m pytest tests -m cuda -q -p no:cacheprovider --rootdir=. -o pythonpath= \
