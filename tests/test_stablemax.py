@@ -92,6 +92,13 @@ def test_stablemax_low_precision(dtype, log, gen, device):
     t = transformed(x.double().cpu())
     expected = torch.log_softmax(t, -1) if log else torch.softmax(t, -1)
     torch.testing.assert_close(ours.double().cpu(), expected, rtol=TOL[dtype], atol=TOL[dtype])
+    xg = x.detach().requires_grad_()
+    g = torch.randn(x.shape, generator=gen).to(dtype).to(device)
+    (gx,) = torch.autograd.grad((lossforge.log_stablemax if log else lossforge.stablemax)(xg, dim=-1), xg, g)
+    assert gx.dtype == dtype
+    tr = Transformed(x)
+    expected_gx = tr.grad(torch.log_softmax(tr.t, -1) if log else torch.softmax(tr.t, -1), g.double().cpu())
+    torch.testing.assert_close(gx.double().cpu(), expected_gx, rtol=TOL[dtype], atol=TOL[dtype])
 
 
 @pytest.mark.parametrize("log", [False, True])
@@ -537,6 +544,8 @@ def test_direct_op_calls_are_checked_in_cpp():
                                     0.0)
     with pytest.raises(RuntimeError, match="dim 2 is out of range"):
         ops.stablemax(x, 2, False)
+    with pytest.raises(RuntimeError, match="must have the same shape"):  # same numel, other shape
+        ops.stablemax_backward(torch.randn(5, 4), x, x, 1, False)
 
 
 # ---- CPU vs CUDA ------------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ inline void check_stablemax_backward_args(const Tensor& grad, const Tensor& x, c
   check_same_device(out, x, op, "out", "x");
   STD_TORCH_CHECK(grad.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type(), op,
                   ": grad, x and out must have the same dtype");
-  STD_TORCH_CHECK(grad.numel() == x.numel() && out.numel() == x.numel(), op,
+  STD_TORCH_CHECK(grad.sizes() == x.sizes() && out.sizes() == x.sizes(), op,
                   ": grad, x and out must have the same shape");
 }
 
