@@ -530,6 +530,8 @@ def test_bad_inputs():
         fused(torch.randn(4, 3), torch.randn(5, 3), t, chunk_size=0)
     with pytest.raises(TypeError, match="weight dtype"):
         fused(torch.randn(4, 3), torch.randn(5, 3, dtype=torch.float64), t)
+    with pytest.raises(ValueError, match="V >= 1 classes"):
+        fused(torch.randn(4, 3), torch.randn(0, 3), t)
 
 
 def test_direct_op_calls_are_checked_in_cpp():

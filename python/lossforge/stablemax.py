@@ -394,8 +394,8 @@ def fused_linear_stablemax_cross_entropy(hidden: torch.Tensor, weight: torch.Ten
     fn = "fused_linear_stablemax_cross_entropy"
     _check_floating("hidden", hidden, fn)
     _check_floating("weight", weight, fn)
-    if weight.dim() != 2:
-        raise ValueError(f"{fn}: weight must be [V, H], got shape {list(weight.shape)}")
+    if weight.dim() != 2 or weight.shape[0] == 0:
+        raise ValueError(f"{fn}: weight must be [V, H] with V >= 1 classes, got shape {list(weight.shape)}")
     if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"{fn}: hidden's last dimension must equal weight's H={weight.shape[1]}, "
                          f"got hidden shape {list(hidden.shape)}")
@@ -418,7 +418,7 @@ def fused_linear_stablemax_cross_entropy(hidden: torch.Tensor, weight: torch.Ten
         raise ValueError(f"{fn}: hidden is empty (shape {list(hidden.shape)}): there is no row to average over")
     _check_options(ignore_index, reduction, label_smoothing, fn)
     _check_class_weight(class_weight, weight.shape[0], hidden.device, fn, "class_weight")
-    h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    h2 = hidden.reshape(lead.numel(), hidden.shape[-1]).contiguous()
     cw = None if class_weight is None else class_weight.to(_acc_dtype(hidden.dtype)).contiguous()
     need_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or
                                               (bias is not None and bias.requires_grad))
