@@ -288,6 +288,16 @@ def test_collapse_fraction(device):
     assert lossforge.collapse_fraction(x.t().reshape(1, 6, 4), target.view(1, 4), loss="stablemax") == stab
     # our loss is not collapsed on the row where the naive float32 StableMax-CE is
     assert lossforge.stablemax_cross_entropy(x[1:2], target[1:2]) > 0
+    # an out-of-range target: an error on the CPU, NaN on CUDA (no host sync, no out-of-bounds gather)
+    bad = torch.tensor([2, 6, 3, -100], device=device)
+    for kind in ("softmax", "stablemax"):
+        if device == "cpu":
+            with pytest.raises(ValueError, match="target value 6 at flat index 1 is out of range"):
+                lossforge.collapse_fraction(x, bad, loss=kind)
+        else:
+            assert torch.isnan(lossforge.collapse_fraction(x, bad, loss=kind))
+    with pytest.raises(ValueError, match="loss must be"):
+        lossforge.collapse_fraction(x, target, loss="exp")
 
 
 # ---- op registration ------------------------------------------------------------------------------

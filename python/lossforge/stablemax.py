@@ -244,24 +244,32 @@ def collapse_fraction(logits: torch.Tensor, target: torch.Tensor, loss: str = "s
     loss="softmax": Softmax Collapse, F.cross_entropy in the training dtype (the failure the paper
     describes: once exp(x_y) swamps the other terms, the loss and its gradient vanish).
     loss="stablemax": the same for the naive StableMax-CE, log(sum s) − log(s_y) in the dtype.
-    Returns a 0-d float32 tensor (no host sync).
+    Returns a 0-d float32 tensor (no host sync on CUDA). An out-of-range target raises on the CPU and
+    makes the result NaN on CUDA, as in `stablemax_cross_entropy`.
     """
     fn = "collapse_fraction"
     cdim = _check_ce_args(logits, target, None, dim, ignore_index, "none", 0.0, fn)
+    if loss not in ("softmax", "stablemax"):
+        raise ValueError(f"{fn}: loss must be 'softmax' or 'stablemax', got {loss!r}")
     with torch.no_grad():
         x = logits.movedim(cdim, -1).reshape(-1, logits.shape[cdim])  # rows of classes
         t = target.reshape(-1)
         valid = t != ignore_index
-        if loss == "softmax":
-            rows = torch.nn.functional.cross_entropy(x, t, ignore_index=ignore_index, reduction="none")
-        elif loss == "stablemax":
-            sx = torch.where(x >= 0, x + 1, 1 / (1 - x))
-            s_y = torch.gather(sx, 1, torch.where(valid, t, torch.zeros_like(t)).unsqueeze(1)).squeeze(1)
-            rows = torch.log(sx.sum(1)) - torch.log(s_y)
+        out_of_range = valid & ((t < 0) | (t >= x.shape[1]))
+        if x.device.type == "cpu" and out_of_range.any():
+            bad = int(out_of_range.nonzero()[0])
+            raise ValueError(f"{fn}: target value {int(t[bad])} at flat index {bad} is out of range: expected a "
+                             f"class index in [0, {x.shape[1]}) or ignore_index={ignore_index}")
+        # gather only in-range indices: torch would raise a device-side assert on CUDA
+        t_safe = torch.where(valid & ~out_of_range, t, torch.zeros_like(t)).unsqueeze(1)
+        if loss == "softmax":  # F.cross_entropy's per-row loss, -log_softmax(x)[y]
+            rows = -torch.log_softmax(x, 1).gather(1, t_safe).squeeze(1)
         else:
-            raise ValueError(f"{fn}: loss must be 'softmax' or 'stablemax', got {loss!r}")
+            sx = torch.where(x >= 0, x + 1, 1 / (1 - x))
+            rows = torch.log(sx.sum(1)) - torch.log(sx.gather(1, t_safe).squeeze(1))
         zero = (rows == 0) & valid
-        return zero.sum().float() / valid.sum().clamp_min(1).float()
+        fraction = zero.sum().float() / valid.sum().clamp_min(1).float()
+        return torch.where(out_of_range.any(), torch.nan, fraction)
 
 
 # ---- fused linear + StableMax-CE ----------------------------------------------------------------
