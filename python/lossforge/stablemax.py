@@ -4,10 +4,11 @@ Numerical Stability"). Spec: shared/specs/stablemax.md.
     s(x) = x + 1 (x >= 0), 1 / (1 - x) (x < 0);   stablemax(x)_i = s(x_i) / sum_j s(x_j)
 
 StableMax-CE equals softmax-CE of t = sign(x) * log1p(|x|), so every F.cross_entropy option carries
-over. The kernels read the logits once in the forward and once in the backward, keep O(rows) state
-(the non-target sum, the full sum and the target's weight per row), accumulate in float32 (float64
-for float64 input), and take one branch per element: gradients are finite at logits of exactly 1.0,
-confident rows keep their (tiny) loss in float32, and -inf logits are masked out.
+over. The kernels read the logits once in the forward (twice with label smoothing) and once in the
+backward, keep O(rows) state (the non-target sum, the full sum and the target's weight per row),
+accumulate in float32 (float64 for float64 input), and take one branch per element: gradients are
+finite at logits of exactly 1.0, confident rows keep their (tiny) loss in float32, and -inf logits
+are masked out.
 """
 from __future__ import annotations
 
