@@ -487,6 +487,22 @@ def test_orthograd_rejects_non_optimizer():
         lossforge.optim.OrthoGrad([torch.zeros(2, requires_grad=True)], object)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bench_check_accepts_our_results(dtype, device):
+    """`lossforge bench` checks every case before timing it and stops on a failed check: the check of the
+    cross-entropy cases must hold in each dtype they use (small sizes here), and must catch a wrong loss."""
+    from lossforge.benchmarks import stablemax as cases
+
+    case = cases._ce_case(64, 300, dtype, device, "test", compiled=False)
+    inputs = case.setup(device)
+    results = {name: impl(*inputs) for name, impl in case.impls.items()}
+    case.check(results)
+    loss, grad = results["lossforge"]
+    results["lossforge"] = (loss * 1.05, grad)
+    with pytest.raises(AssertionError, match="loss differs"):
+        case.check(results)
+
+
 # ---- bad input ----------------------------------------------------------------------------------
 
 def test_bad_inputs():
