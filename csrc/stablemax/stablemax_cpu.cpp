@@ -255,6 +255,7 @@ std::tuple<Tensor, Tensor> stablemax_cross_entropy_cpu(Tensor input, Tensor targ
   std::tie(loss, stats) = new_ce_outputs(input, target);
   if (d.rows() == 0) return {loss, stats};
   STD_TORCH_CHECK(d.size > 0, kCE, ": input has no classes (size 0 at the class dimension)");
+  STD_TORCH_CHECK(d.size <= INT32_MAX, kCE, ": more than 2^31 - 1 classes are not supported");  // 32-bit loop
   const RowLayout L{d.size, d.inner};
   BadTarget bad;
   LF_DISPATCH_FLOATING(input.scalar_type(), kCE, [&] {
