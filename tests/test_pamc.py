@@ -278,6 +278,30 @@ def test_large_tau_stays_finite_in_float32(gen):
         assert torch.isfinite(torch.autograd.grad(got, zz)[0]).all()
 
 
+def test_nan_propagates(device, gen):
+    """NaN in z or Q gives NaN (torch's convention), never a finite or infinite loss: the rows whose
+    positive term or denominator sees the NaN node, and every row through the shared meta-node term."""
+    n = 40
+    ei, w = random_graph(gen, n, 160, self_loops=False, isolated=(7,))
+    z = torch.randn(n, 5, generator=gen, dtype=f64)
+    z[11, 2] = float("nan")
+    labels = torch.randint(0, 3, (n,), generator=gen)
+    ei, w, z, labels = ei.to(device), w.to(device), z.to(device), labels.to(device)
+    graph = lossforge.prepare_graph(ei, n, w)
+    lse = ops.pamc_positive(z, graph.rowptr, graph.col, graph.weight, graph.colptr, graph.trow, graph.tedge, 1.0,
+                            1e-10)[0].cpu()
+    sees_nan = torch.zeros(n, dtype=torch.bool)
+    sees_nan[ei[0][ei[1] == 11].cpu()] = True
+    sees_nan[11] = True
+    assert torch.equal(lse.isnan(), sees_nan)  # only the rows with an edge to the NaN node (and its own)
+    assert torch.isnan(lossforge.pamc_loss(z, graph, assignment=labels, reduction="none")).all()
+    assert torch.isnan(lossforge.pairwise_contrastive_loss(z, graph, reduction="none")).all()
+    z[11, 2] = 0.0
+    q = torch.softmax(torch.randn(n, 3, generator=gen, dtype=f64), 1).to(device)
+    q[4, 1] = float("nan")
+    assert torch.isnan(lossforge.pamc_loss(z, graph, assignment=q, soft=True)).item()
+
+
 def test_float32_close_to_float64(device, gen):
     n = 150
     ei, w = random_graph(gen, n, 900)

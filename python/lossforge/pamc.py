@@ -361,7 +361,9 @@ def _meta_nodes(z: torch.Tensor, assignment, soft: bool, num_clusters, fn: str):
             raise ValueError(f"{fn}: num_clusters={num_clusters} but assignment has {k} columns")
         if soft:
             q = assignment.to(z.dtype)
-            return q.t().matmul(z), q.detach().sum(0) > 0  # one GEMM, gradient into Q and z
+            # one GEMM, gradient into Q and z; a column of zeros is an empty cluster (a NaN column is not:
+            # NaN in Q propagates to the loss)
+            return q.t().matmul(z), ~(q.detach().sum(0) <= 0)
         labels = assignment.detach().argmax(1)  # no gradient through the argmax
     else:
         if assignment.dtype not in (torch.int64, torch.int32):
