@@ -549,6 +549,20 @@ def test_amortized_training_step_moves_directions_to_the_informative_axis(gen):
         lfnn.AmortizedSlicedWasserstein(3, kappa=1.0, amortizer="mlp")
 
 
+def test_amortizer_step_survives_an_identical_pair(gen):
+    # SW = 0 for one pair: the root's infinite slope there must not turn the amortizer's weights into NaN
+    torch.manual_seed(0)
+    m = lfnn.AmortizedSlicedWasserstein(3, kappa=10.0, n_projections=20).double()
+    x = torch.randn(4, 30, 3, generator=gen, dtype=F64)
+    y = torch.randn(4, 30, 3, generator=gen, dtype=F64)
+    y[1] = x[1]
+    before = [p.detach().clone() for p in m.parameters()]
+    value = m.amortizer_step(x, y, generator=gen)
+    assert math.isfinite(value) and value > 0
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, m.parameters()))
+
+
 # ---------------------------------------------------------------------------------------------------
 # CUDA against the CPU kernel (itself checked against POT and the reference above)
 
@@ -584,6 +598,22 @@ def test_cuda_deterministic_and_on_the_current_stream(gen):
     s.synchronize()
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("weights", [False, True])
+def test_cuda_non_finite_projections_give_nan_not_out_of_bounds(weights, gen):
+    # CUDA does not check values (that would synchronise): NaN points, and finite points whose projections
+    # overflow to +-inf, must give a NaN/inf value and in-range gradient writes (N = 300: padded to 512).
+    x, y, wx, wy = clouds(2, 300, 300 if not weights else 200, 3, gen, weights, dtype=torch.float32)
+    x[0, 5, 1] = float("nan")
+    x[1, :7] = 3e38  # x . theta overflows for most directions
+    P = rand_proj(3, 16, gen, dtype=torch.float32)
+    args = [None if t is None else t.cuda() for t in (x, y, wx, wy, P)]
+    value, gx, gy, *_ = ops.sliced_wasserstein(*args, 2.0, True, weights, True)
+    torch.cuda.synchronize()
+    assert not torch.isfinite(value).any()
+    assert gx.shape == x.shape and gy.shape == y.shape
 
 
 @pytest.mark.slow
