@@ -703,6 +703,19 @@ def test_bad_assignments(gen):
         lossforge.pamc_loss(z, ei, w, assignment=labels > 0)
 
 
+@pytest.mark.cuda
+def test_cuda_labels_out_of_range_with_num_clusters_never_index_out_of_bounds(gen):
+    """On CUDA with num_clusters given, labels are not checked (that would synchronise): a label out of
+    range leaves its node out of the meta-nodes, forward and backward, instead of a device-side assert."""
+    n, ei, w, z, labels = _bad_setup(gen)
+    labels[3], labels[8] = 9, -2
+    zz = z.cuda().requires_grad_()
+    loss = lossforge.pamc_loss(zz, ei.cuda(), w.cuda(), assignment=labels.cuda(), num_clusters=3)
+    (g,) = torch.autograd.grad(loss, zz)
+    torch.cuda.synchronize()
+    assert torch.isfinite(loss) and torch.isfinite(g).all()
+
+
 def test_cpp_checks_reject_what_python_would(gen):
     """Called directly, the ops refuse bad indices instead of reading out of bounds."""
     n, ei, w, z, labels = _bad_setup(gen)

@@ -261,7 +261,11 @@ def _segment_sum_setup(ctx, inputs, output):
 
 def _segment_sum_backward(ctx, grad_sums, grad_counts):
     (labels,) = ctx.saved_tensors
-    return grad_sums.index_select(0, labels), None, None
+    k, d = grad_sums.shape
+    # Labels out of range (unchecked on CUDA when num_clusters is given: no host sync) were left out by the
+    # forward: they get a zero row here, never an out-of-bounds index (a device-side assert on CUDA).
+    safe = torch.where((labels >= 0) & (labels < k), labels, k)
+    return torch.cat([grad_sums, grad_sums.new_zeros(1, d)]).index_select(0, safe), None, None
 
 
 torch.library.register_autograd("lossforge::pamc_segment_sum", _segment_sum_backward, setup_context=_segment_sum_setup)
@@ -413,7 +417,8 @@ def pamc_loss(z: torch.Tensor, edge_index, edge_weight: torch.Tensor | None = No
     argmax of a soft Q (no gradient through it, meta-nodes m_a = Σ z_i); soft=True uses M = QᵀZ with
     gradients into Q. reduction: "mean" (the paper's loss), "sum" or "none" (per node: the node's
     positive term plus the shared meta-node term, so that "mean" is the mean of "none").
-    num_clusters: k for hard labels (default: max label + 1, a host sync on CUDA).
+    num_clusters: k for hard labels (default: max label + 1, a host sync on CUDA). On CUDA, labels are
+    range-checked only without it (with it, a label out of range leaves its node out of the meta-nodes).
 
     >>> g = lossforge.stochastic_block_model(300, 3, seed=0)
     >>> ei, w = lossforge.influence_matrix(g.edge_index, 300, order=2)
