@@ -405,6 +405,17 @@ def test_gradcheck(device, gen):
     assert torch.autograd.gradcheck(lambda x: pamc._pairwise_rows(x, graph, 0.8, 2, 4), (z,))
 
 
+def test_double_backward_is_refused(gen):
+    n = 12
+    ei, w = random_graph(gen, n, 40)
+    z = torch.randn(n, 3, generator=gen, dtype=f64, requires_grad=True)
+    labels = torch.randint(0, 3, (n,), generator=gen)
+    with pytest.raises(RuntimeError, match="pamc_loss does not support double backward"):
+        torch.autograd.grad(lossforge.pamc_loss(z, ei, w, assignment=labels), z, create_graph=True)
+    with pytest.raises(RuntimeError, match="pairwise_contrastive_loss does not support double backward"):
+        torch.autograd.grad(lossforge.pairwise_contrastive_loss(z, ei, w), z, create_graph=True)
+
+
 def _opcheck_args(gen, device, dtype=f64):
     n = 11
     ei, w = random_graph(gen, n, 40)

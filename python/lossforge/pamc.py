@@ -236,7 +236,15 @@ def _positive_setup(ctx, inputs, output):
     ctx.tau = tau
 
 
+def _refuse_double_backward(fn: str):
+    # The backward kernels are not differentiable: a graph through them would give a silently wrong
+    # second derivative (torch only warns), so refuse it.
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"lossforge.{fn} does not support double backward (create_graph=True)")
+
+
 def _positive_backward(ctx, grad, grad_u, grad_inv):
+    _refuse_double_backward("pamc_loss")
     u, inv, rowptr, col, weight, colptr, trow, tedge, lse = ctx.saved_tensors
     gz = None
     if ctx.needs_input_grad[0]:
@@ -291,6 +299,7 @@ def _pairwise_setup(ctx, inputs, output):
 
 
 def _pairwise_backward(ctx, grad_loss, grad_stats):
+    _refuse_double_backward("pairwise_contrastive_loss")
     z, rowptr, col, weight, colptr, trow, tedge, stats = ctx.saved_tensors
     gz = None
     if ctx.needs_input_grad[0]:
