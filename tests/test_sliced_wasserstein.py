@@ -2,8 +2,9 @@
 sorting paths, vMF sampling, Max-SW, v-DSW, the amortized module, and bad input."""
 import math
 
-import numpy as np
+import ot  # POT: the independent oracle (a test dependency; never skipped when missing)
 import pytest
+import scipy.stats
 import torch
 
 import lossforge
@@ -41,7 +42,6 @@ def clouds(B, N, M, d, gen, weights=False, dtype=F64, device="cpu"):
 @pytest.mark.parametrize("weights", [False, True])
 @pytest.mark.parametrize("p", [1.0, 1.5, 2.0, 3.0])
 def test_matches_pot(sizes, weights, p, gen):
-    ot = pytest.importorskip("ot")
     N, M = sizes
     B, d, L = 3, 3, 8
     x, y, wx, wy = clouds(B, N, M, d, gen, weights)
@@ -295,13 +295,12 @@ def test_reductions_single_pair_and_generated_projections(gen):
 
 
 def test_sliced_wasserstein_in_1d_is_exact_wasserstein(gen):
-    scipy_stats = pytest.importorskip("scipy.stats")
     x = torch.randn(1, 40, 1, generator=gen, dtype=F64)
     y = torch.randn(1, 25, 1, generator=gen, dtype=F64) + 1
     wx = torch.rand(1, 40, generator=gen, dtype=F64)
     wy = torch.rand(1, 25, generator=gen, dtype=F64)
     ours = lossforge.sliced_wasserstein(x, y, wx, wy, projections=torch.ones(1, 1, dtype=F64), p=1.0)
-    want = scipy_stats.wasserstein_distance(x.flatten().numpy(), y.flatten().numpy(), wx.flatten().numpy(),
+    want = scipy.stats.wasserstein_distance(x.flatten().numpy(), y.flatten().numpy(), wx.flatten().numpy(),
                                             wy.flatten().numpy())
     assert ours.item() == pytest.approx(want, rel=1e-12)
 
