@@ -458,7 +458,10 @@ def test_max_sliced_wasserstein_finds_the_best_direction(gen):
     assert theta.shape == (2, 2)
     torch.testing.assert_close(theta.norm(dim=-1), torch.ones(2, dtype=F64))
     assert torch.all(value >= 0.995 * per_dir)
-    assert torch.all(value <= per_dir * (1 + 1e-9))
+    # The true maximum may sit between grid directions: W_2 along theta is Lipschitz in theta with constant
+    # rms|x| + rms|y|, and every direction is within half a grid step of the grid.
+    lipschitz = x.square().sum(-1).mean(-1).sqrt() + y.square().sum(-1).mean(-1).sqrt()
+    assert torch.all(value <= per_dir + lipschitz * (math.pi / 1800) / 2)
     torch.testing.assert_close(value, w_along(x, y, theta))
 
 
