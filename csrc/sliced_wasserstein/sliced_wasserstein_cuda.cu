@@ -199,7 +199,6 @@ sw_kernel(const T* __restrict__ x, const T* __restrict__ y, const T* __restrict_
   T* gwyb = pgwy ? pgwy + slot * s.M : nullptr;
   const int64_t bt = s.P.pair_stride == 0 ? 0 : b;
   const T invL = static_cast<T>(1.0 / static_cast<double>(s.L));
-  const bool grad_pos = s.grad_points || s.grad_projections;
 
   const int64_t l0 = c * s.Lc, l1 = min(s.L, l0 + s.Lc);
   for (int64_t l = l0; l < l1; ++l) {
@@ -306,7 +305,7 @@ sw_kernel(const T* __restrict__ x, const T* __restrict__ y, const T* __restrict_
         for (int k = 0; k < d; ++k) g[k] += w.cv[j] * theta[s.P.at(bt, k, l)];
       }
     }
-    if (grad_pos && s.grad_projections) {
+    if (s.grad_projections) {
       for (int k = 0; k < d; ++k) {
         double acc = 0;
         for (int i = tid; i < N; i += kThreads)
