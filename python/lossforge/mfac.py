@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from ._ops import ops
+from ._ops import cuda_kernels_loaded, ops
 
 __all__ = ["StaticIHVP", "BlockIHVP", "SlidingWindowIHVP"]
 
@@ -158,6 +158,9 @@ def _check_grads(grads, name: str = "grads") -> torch.Tensor:
 def _check_device(device: torch.device, what: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"{what} must be on the CPU or a CUDA device, got {device}")
+    if device.type == "cuda" and not cuda_kernels_loaded():
+        raise RuntimeError(f"{what} is on {device} but lossforge was built without its CUDA kernels "
+                           "(rebuild with FORCE_CUDA=1, or use the CPU)")
     return device
 
 
