@@ -260,7 +260,10 @@ def test_static_float32(gen):
     damp = 1e-3
     S = mfac.StaticIHVP(G.float(), damp)
     k = kappa(G, damp)
-    assert rel(S.mul(x.float()), ref.dense_ihvp(G, x, damp)) < 30 * EPS[torch.float32] * k
+    # a random x lies mostly outside the span of the gradients, where F^-1 is x / damp: no cancellation
+    # (measured ~0.5 eps); a gradient lies inside it and cancels up to kappa (measured 0.5-1.5 eps kappa)
+    assert rel(S.mul(x.float()), ref.dense_ihvp(G, x, damp)) < 30 * EPS[torch.float32]
+    assert rel(S.mul(G[3].float()), ref.dense_ihvp(G, G[3], damp)) < 10 * EPS[torch.float32] * k
     assert S.mul(x.float()).dtype == torch.float32
 
 
@@ -427,10 +430,11 @@ def test_window_float32_and_symmetry(gen):
         assert y.dtype == torch.float32
     Gd = torch.stack(list(dq))
     k = kappa(Gd, damp)
-    assert rel(y, ref.dense_ihvp(Gd, g, damp)) < 30 * EPS[torch.float32] * k
+    assert rel(y, ref.dense_ihvp(Gd, g, damp)) < 5 * EPS[torch.float32] * k  # measured <= 0.53 eps kappa
     a, b = randn(d, gen=gen).float(), randn(d, gen=gen).float()
     lhs, rhs = (a.double() @ W.mul(b).double()).item(), (b.double() @ W.mul(a).double()).item()
-    assert abs(lhs - rhs) < 30 * EPS[torch.float32] * k * a.norm().item() * b.norm().item() / damp
+    # measured <= 0.013 eps |a| |b| / damp (the values themselves are ~0.03 |a| |b| / damp)
+    assert abs(lhs - rhs) < EPS[torch.float32] * a.norm().item() * b.norm().item() / damp
 
 
 def test_window_bfloat16_storage(gen):
@@ -444,9 +448,9 @@ def test_window_bfloat16_storage(gen):
         dq.append(g.bfloat16().double())
     Gd = torch.stack(list(dq))  # F over the stored gradients; update_mul applies it to the stored g
     k = kappa(Gd, damp)
-    assert rel(y, ref.woodbury_ihvp(Gd, g.bfloat16().double(), damp)) < 30 * EPS[torch.float32] * k
-    x = randn(d, gen=gen).float()
-    assert rel(W.mul(x), ref.woodbury_ihvp(Gd, x.double(), damp)) < 30 * EPS[torch.float32] * k
+    assert rel(y, ref.woodbury_ihvp(Gd, g.bfloat16().double(), damp)) < 5 * EPS[torch.float32] * k
+    x = randn(d, gen=gen).float()  # mostly outside the window's span: no cancellation (see test_static_float32)
+    assert rel(W.mul(x), ref.woodbury_ihvp(Gd, x.double(), damp)) < 30 * EPS[torch.float32]
 
 
 def test_window_residual_large_d(gen):
