@@ -203,8 +203,13 @@ class DiceBettiMatchingLoss(torch.nn.Module):
         self.reduction = reduction
 
     def forward(self, pred, target):
-        from .betti_matching import _reduce
+        from .betti_matching import _check_images, _check_pair, _check_tensor, _reduce
 
+        # the Betti term validates too, but the Dice term would broadcast mismatched shapes first
+        _check_tensor(pred, "pred")
+        _check_tensor(target, "target")
+        _check_images(pred, "pred", True)
+        _check_pair(pred, target)
         dims = tuple(range(2, pred.dim()))
         t = target.to(pred.dtype)
         inter = (pred * t).sum(dims)

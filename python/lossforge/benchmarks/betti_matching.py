@@ -194,8 +194,8 @@ def _ref_loss(threads):
         x = pred.detach().requires_grad_()
         f = 1 - x.reshape((-1,) + tuple(x.shape[2:]))
         g = 1 - target.reshape((-1,) + tuple(x.shape[2:]))
-        fs = [a.detach().double().numpy() for a in f]
-        gs = [a.double().numpy() for a in g]
+        fs = [a.detach().double().cpu().numpy() for a in f]  # the build takes host arrays (CUDA cases too)
+        gs = [a.double().cpu().numpy() for a in g]
         with _Threads(threads):
             results = reference_build().compute_matching(fs, gs)
         D = x.dim() - 2
