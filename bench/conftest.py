@@ -1,5 +1,7 @@
-"""pytest-benchmark suites (`pytest bench/`): one group per shape, `impl` parametrized over lossforge
-and each baseline. The cases are the same as `lossforge bench` (lossforge.benchmarks.<family>)."""
+"""pytest-benchmark suites (`pytest bench/`): one group per (op, shape), `impl` parametrized over
+lossforge and each baseline. The cases are those of `lossforge bench`: each bench/test_<family>.py
+names its module (CASES_MODULE = lossforge.benchmarks.<family>) and takes the `bench_case` and `impl`
+parameters generated here for `--bench-device` (cpu or cuda) and `--bench-full` (the papers' sizes)."""
 import pytest
 import torch
 
@@ -9,9 +11,17 @@ def pytest_addoption(parser):
     parser.addoption("--bench-full", action="store_true", help="the papers' sizes")
 
 
+def pytest_generate_tests(metafunc):
+    if "bench_case" not in metafunc.fixturenames:
+        return
+    device = metafunc.config.getoption("--bench-device")
+    cases = []
+    if not device.startswith("cuda") or torch.cuda.is_available():
+        cases = metafunc.module.CASES_MODULE.cases(device, metafunc.config.getoption("--bench-full"))
+    params = [pytest.param(case, impl, id=f"{case.op}|{case.shape}|{impl}") for case in cases for impl in case.impls]
+    metafunc.parametrize("bench_case,impl", params)
+
+
 @pytest.fixture(scope="session")
 def bench_device(request):
-    device = request.config.getoption("--bench-device")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    return device
+    return request.config.getoption("--bench-device")

@@ -1,14 +1,10 @@
-"""pytest-benchmark: Betti matching family (see lossforge.benchmarks.betti_matching for the cases)."""
-import pytest
+"""pytest-benchmark: Betti matching family (cases, baselines and floors: lossforge.benchmarks.betti_matching).
 
+    pytest bench/test_betti_matching.py [--bench-device cuda] [--bench-full]
+"""
 from lossforge.bench import pytest_benchmark
-from lossforge.benchmarks import betti_matching
-
-CASES = betti_matching.cases("cpu", full=False)
-PARAMS = [pytest.param(i, impl, id=f"{c.op}|{c.shape}|{impl}") for i, c in enumerate(CASES) for impl in c.impls]
+from lossforge.benchmarks import betti_matching as CASES_MODULE  # noqa: F401  (read by bench/conftest.py)
 
 
-@pytest.mark.parametrize("case_index,impl", PARAMS)
-def test_betti_matching(benchmark, bench_device, case_index, impl):
-    case = betti_matching.cases(bench_device, full=False)[case_index]
-    pytest_benchmark(benchmark, case, impl, bench_device)
+def test_betti_matching(benchmark, bench_device, bench_case, impl):
+    pytest_benchmark(benchmark, bench_case, impl, bench_device)

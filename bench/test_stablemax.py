@@ -1,14 +1,10 @@
-"""pytest-benchmark: StableMax family (see lossforge.benchmarks.stablemax for the cases and floors)."""
-import pytest
+"""pytest-benchmark: StableMax family (cases, baselines and floors: lossforge.benchmarks.stablemax).
 
+    pytest bench/test_stablemax.py [--bench-device cuda] [--bench-full]
+"""
 from lossforge.bench import pytest_benchmark
-from lossforge.benchmarks import stablemax
-
-CASES = stablemax.cases("cpu", full=False)
-PARAMS = [pytest.param(i, impl, id=f"{c.op}|{c.shape}|{impl}") for i, c in enumerate(CASES) for impl in c.impls]
+from lossforge.benchmarks import stablemax as CASES_MODULE  # noqa: F401  (read by bench/conftest.py)
 
 
-@pytest.mark.parametrize("case_index,impl", PARAMS)
-def test_stablemax(benchmark, bench_device, case_index, impl):
-    case = stablemax.cases(bench_device, full=False)[case_index]
-    pytest_benchmark(benchmark, case, impl, bench_device)
+def test_stablemax(benchmark, bench_device, bench_case, impl):
+    pytest_benchmark(benchmark, bench_case, impl, bench_device)

@@ -260,7 +260,10 @@ def test_static_float32(gen):
     damp = 1e-3
     S = mfac.StaticIHVP(G.float(), damp)
     k = kappa(G, damp)
-    assert rel(S.mul(x.float()), ref.dense_ihvp(G, x, damp)) < 30 * EPS[torch.float32] * k
+    # a random x lies mostly outside the span of the gradients, where F^-1 is x / damp: no cancellation
+    # (measured ~0.5 eps); a gradient lies inside it and cancels up to kappa (measured 0.5-1.5 eps kappa)
+    assert rel(S.mul(x.float()), ref.dense_ihvp(G, x, damp)) < 30 * EPS[torch.float32]
+    assert rel(S.mul(G[3].float()), ref.dense_ihvp(G, G[3], damp)) < 10 * EPS[torch.float32] * k
     assert S.mul(x.float()).dtype == torch.float32
 
 
@@ -330,6 +333,8 @@ def test_static_block_bad_input():
         mfac.StaticIHVP(torch.tensor([[1.0, float("nan")]]), 1e-3)
     with pytest.raises(ValueError, match="at least one row"):
         mfac.StaticIHVP(torch.zeros(0, 5), 1e-3)
+    with pytest.raises(ValueError, match="grads must be on the CPU or a CUDA device, got meta"):
+        mfac.StaticIHVP(torch.zeros(2, 5, device="meta"), 1e-3)
     S = mfac.StaticIHVP(torch.ones(2, 5), 1e-3)
     with pytest.raises(ValueError, match=r"x must have shape \[5\] or \[k, 5\], got \(6,\)"):
         S.mul(torch.zeros(6))
@@ -425,10 +430,11 @@ def test_window_float32_and_symmetry(gen):
         assert y.dtype == torch.float32
     Gd = torch.stack(list(dq))
     k = kappa(Gd, damp)
-    assert rel(y, ref.dense_ihvp(Gd, g, damp)) < 30 * EPS[torch.float32] * k
+    assert rel(y, ref.dense_ihvp(Gd, g, damp)) < 5 * EPS[torch.float32] * k  # measured <= 0.53 eps kappa
     a, b = randn(d, gen=gen).float(), randn(d, gen=gen).float()
     lhs, rhs = (a.double() @ W.mul(b).double()).item(), (b.double() @ W.mul(a).double()).item()
-    assert abs(lhs - rhs) < 30 * EPS[torch.float32] * k * a.norm().item() * b.norm().item() / damp
+    # measured <= 0.013 eps |a| |b| / damp (the values themselves are ~0.03 |a| |b| / damp)
+    assert abs(lhs - rhs) < EPS[torch.float32] * a.norm().item() * b.norm().item() / damp
 
 
 def test_window_bfloat16_storage(gen):
@@ -442,9 +448,9 @@ def test_window_bfloat16_storage(gen):
         dq.append(g.bfloat16().double())
     Gd = torch.stack(list(dq))  # F over the stored gradients; update_mul applies it to the stored g
     k = kappa(Gd, damp)
-    assert rel(y, ref.woodbury_ihvp(Gd, g.bfloat16().double(), damp)) < 30 * EPS[torch.float32] * k
-    x = randn(d, gen=gen).float()
-    assert rel(W.mul(x), ref.woodbury_ihvp(Gd, x.double(), damp)) < 30 * EPS[torch.float32] * k
+    assert rel(y, ref.woodbury_ihvp(Gd, g.bfloat16().double(), damp)) < 5 * EPS[torch.float32] * k
+    x = randn(d, gen=gen).float()  # mostly outside the window's span: no cancellation (see test_static_float32)
+    assert rel(W.mul(x), ref.woodbury_ihvp(Gd, x.double(), damp)) < 30 * EPS[torch.float32]
 
 
 def test_window_residual_large_d(gen):
@@ -494,6 +500,8 @@ def test_window_state_dict_round_trip(gen):
     assert torch.equal(W.update_mul(g), W2.update_mul(g))
     with pytest.raises(ValueError, match="state_dict has m=5, this window has 6"):
         mfac.SlidingWindowIHVP(50, 6, 1e-3, F64).load_state_dict(sd)
+    with pytest.raises(ValueError, match="state_dict has damp=0.001, this window has 0.01"):
+        mfac.SlidingWindowIHVP(50, 5, 1e-2, F64).load_state_dict(sd)
 
 
 def test_window_bad_input():
@@ -518,6 +526,8 @@ def test_window_bad_input():
         W.update_mul(torch.zeros(9))
     with pytest.raises(TypeError, match="g must be torch.float32, got torch.float64"):
         W.update(torch.zeros(10, dtype=F64))
+    with pytest.raises(ValueError, match="SlidingWindowIHVP must be on the CPU or a CUDA device, got meta"):
+        mfac.SlidingWindowIHVP(10, 3, device="meta")
 
 
 # ---- optim.MFAC -----------------------------------------------------------------------------------
@@ -638,7 +648,15 @@ def test_optimizer_bad_input(gen):
         MFAC([p, randn(3, gen=gen).requires_grad_()])
     with pytest.raises(ValueError, match="is not contiguous"):
         MFAC([randn(4, 3, gen=gen).float().T.requires_grad_()])
+    with pytest.raises(ValueError, match="parameters must be on the CPU or a CUDA device, got meta"):
+        MFAC([torch.zeros(3, device="meta", requires_grad=True)])
     opt = MFAC([p], ngrads=2)
+    p.grad = randn(5, gen=gen).float()
+    opt.param_groups[0]["momentum"] = 1.5
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: momentum must be in \[0, 1\)"):
+        opt.step()
+    assert opt._window.count == 0  # checked before the window changed
+    opt.param_groups[0]["momentum"] = 0.0
     with pytest.raises(RuntimeError, match="cannot be added after construction"):
         opt.add_param_group({"params": [randn(2, gen=gen).float().requires_grad_()]})
     with pytest.raises(ValueError, match="holds no M-FAC window"):
@@ -673,8 +691,9 @@ def test_device_passes(device, storage, gen):
     assert rel(p, p0.double() - 0.1 * 0.1 * (2.0 * xs - 0.5 * Gd.T @ b.double())) < tol
 
 
-def test_device_chol_replace_oldest(device, gen):
-    n, shift = 40, 0.5
+@pytest.mark.parametrize("n", [1, 40, 300])  # 300 > the CUDA kernel's 256 threads: strided columns
+def test_device_chol_replace_oldest(device, n, gen):
+    shift = 0.5
     rows = randn(n + 1, 9, gen=gen)
     old = rows[:n] @ rows[:n].T + shift * torch.eye(n, dtype=F64)
     U = torch.linalg.cholesky(old, upper=True).contiguous().to(device)
@@ -776,7 +795,7 @@ def _distributed_worker(rank, world, init_file, seed):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, 4])
 def test_distributed_gloo_matches_single_process(world):
     import torch.distributed as dist
     import torch.multiprocessing as mp

@@ -278,6 +278,30 @@ def test_large_tau_stays_finite_in_float32(gen):
         assert torch.isfinite(torch.autograd.grad(got, zz)[0]).all()
 
 
+def test_nan_propagates(device, gen):
+    """NaN in z or Q gives NaN (torch's convention), never a finite or infinite loss: the rows whose
+    positive term or denominator sees the NaN node, and every row through the shared meta-node term."""
+    n = 40
+    ei, w = random_graph(gen, n, 160, self_loops=False, isolated=(7,))
+    z = torch.randn(n, 5, generator=gen, dtype=f64)
+    z[11, 2] = float("nan")
+    labels = torch.randint(0, 3, (n,), generator=gen)
+    ei, w, z, labels = ei.to(device), w.to(device), z.to(device), labels.to(device)
+    graph = lossforge.prepare_graph(ei, n, w)
+    lse = ops.pamc_positive(z, graph.rowptr, graph.col, graph.weight, graph.colptr, graph.trow, graph.tedge, 1.0,
+                            1e-10)[0].cpu()
+    sees_nan = torch.zeros(n, dtype=torch.bool)
+    sees_nan[ei[0][ei[1] == 11].cpu()] = True
+    sees_nan[11] = True
+    assert torch.equal(lse.isnan(), sees_nan)  # only the rows with an edge to the NaN node (and its own)
+    assert torch.isnan(lossforge.pamc_loss(z, graph, assignment=labels, reduction="none")).all()
+    assert torch.isnan(lossforge.pairwise_contrastive_loss(z, graph, reduction="none")).all()
+    z[11, 2] = 0.0
+    q = torch.softmax(torch.randn(n, 3, generator=gen, dtype=f64), 1).to(device)
+    q[4, 1] = float("nan")
+    assert torch.isnan(lossforge.pamc_loss(z, graph, assignment=q, soft=True)).item()
+
+
 def test_float32_close_to_float64(device, gen):
     n = 150
     ei, w = random_graph(gen, n, 900)
@@ -334,6 +358,36 @@ def test_pairwise_rows_without_positives(gen):
     torch.testing.assert_close(torch.autograd.grad(rows.sum(), z)[0], torch.autograd.grad(r.sum(), z)[0])
 
 
+def _resident_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+def test_pairwise_tiles_are_released(device, gen):
+    """Every call allocates its tile buffers (4 MiB per thread on the CPU, 64 MiB on a GPU): they must be
+    freed when it returns (a reference leaked per GEMM once kept them all alive)."""
+    n = 2048
+    graph = lossforge.prepare_graph(random_graph(gen, n, 8 * n)[0].to(device), n)
+    z = torch.randn(n, 16, generator=gen).to(device).requires_grad_()
+
+    def step():
+        lossforge.pairwise_contrastive_loss(z, graph).backward()
+
+    step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() == before
+    else:
+        before = _resident_mb()
+        for _ in range(12):
+            step()
+        assert _resident_mb() - before < 64  # the leak was >= 8 MiB per call, ~200 MB here
+
+
 # ---- gradcheck and opcheck ---------------------------------------------------------------------
 
 
@@ -349,6 +403,17 @@ def test_gradcheck(device, gen):
                                                                    reduction="none"), (z,))
     assert torch.autograd.gradcheck(lambda x, y: lossforge.pamc_loss(x, graph, assignment=y, soft=True), (z, q))
     assert torch.autograd.gradcheck(lambda x: pamc._pairwise_rows(x, graph, 0.8, 2, 4), (z,))
+
+
+def test_double_backward_is_refused(gen):
+    n = 12
+    ei, w = random_graph(gen, n, 40)
+    z = torch.randn(n, 3, generator=gen, dtype=f64, requires_grad=True)
+    labels = torch.randint(0, 3, (n,), generator=gen)
+    with pytest.raises(RuntimeError, match="pamc_loss does not support double backward"):
+        torch.autograd.grad(lossforge.pamc_loss(z, ei, w, assignment=labels), z, create_graph=True)
+    with pytest.raises(RuntimeError, match="pairwise_contrastive_loss does not support double backward"):
+        torch.autograd.grad(lossforge.pairwise_contrastive_loss(z, ei, w), z, create_graph=True)
 
 
 def _opcheck_args(gen, device, dtype=f64):
@@ -647,6 +712,19 @@ def test_bad_assignments(gen):
         lossforge.pamc_loss(z, ei, w, assignment=torch.rand(n, 4, dtype=f64), num_clusters=3)
     with pytest.raises(TypeError, match="hard assignment must be int64 labels, got torch.bool"):
         lossforge.pamc_loss(z, ei, w, assignment=labels > 0)
+
+
+@pytest.mark.cuda
+def test_cuda_labels_out_of_range_with_num_clusters_never_index_out_of_bounds(gen):
+    """On CUDA with num_clusters given, labels are not checked (that would synchronise): a label out of
+    range leaves its node out of the meta-nodes, forward and backward, instead of a device-side assert."""
+    n, ei, w, z, labels = _bad_setup(gen)
+    labels[3], labels[8] = 9, -2
+    zz = z.cuda().requires_grad_()
+    loss = lossforge.pamc_loss(zz, ei.cuda(), w.cuda(), assignment=labels.cuda(), num_clusters=3)
+    (g,) = torch.autograd.grad(loss, zz)
+    torch.cuda.synchronize()
+    assert torch.isfinite(loss) and torch.isfinite(g).all()
 
 
 def test_cpp_checks_reject_what_python_would(gen):

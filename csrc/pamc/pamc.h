@@ -41,9 +41,9 @@ struct OnlineLSE {
       l += w * exp(x - m);
     }
   }
-  // Merges another state (partial sums of one row computed apart).
+  // Merges another state (partial sums of one row computed apart). A NaN sum is merged: NaN propagates.
   LF_HOST_DEVICE void merge(double m2, double l2) {
-    if (!(l2 > 0.0)) return;
+    if (l2 == 0.0) return;
     if (m2 > m) {
       l = l * exp(m - m2) + l2;
       m = m2;
@@ -51,8 +51,8 @@ struct OnlineLSE {
       l += l2 * exp(m2 - m);
     }
   }
-  // log(exp(m) * l), -inf for an empty row.
-  LF_HOST_DEVICE double value() const { return l > 0.0 ? m + log(l) : -INFINITY; }
+  // log(exp(m) * l), -inf for an empty row, NaN if a NaN was added (NaN z propagates, as in torch).
+  LF_HOST_DEVICE double value() const { return l == 0.0 ? -INFINITY : m + log(l); }
 };
 
 // log(exp(a) + exp(b)) without overflow; either may be -inf.

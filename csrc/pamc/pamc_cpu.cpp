@@ -12,7 +12,6 @@
 //   log-sum-exp per row in the forward, and in the backward the gradient of each row block gathered from
 //   both sides of the symmetric similarity, so no n x n buffer exists and no two tasks write one row.
 #include <algorithm>
-#include <array>
 #include <atomic>
 #include <cmath>
 #include <exception>
@@ -22,6 +21,7 @@
 
 #include "common/common.h"
 #include "pamc/pamc.h"
+#include "pamc/pamc_mm.h"
 
 namespace lossforge {
 namespace pamc {
@@ -57,14 +57,6 @@ inline void axpy(T c, const T* x, T* y, int64_t d) {
 
 // Rows per task so that one task does a few thousand multiply-adds at least.
 int64_t row_grain(int64_t work_per_row) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(work_per_row, 1)); }
-
-// mm(a, b) into a preallocated contiguous `out` (aten::mm.out through the stable dispatcher), so the
-// tile buffer is allocated once per call instead of once per tile.
-void mm_out(const Tensor& a, const Tensor& b, const Tensor& out) {
-  std::array<StableIValue, 3> stack{torch::stable::detail::from(a), torch::stable::detail::from(b),
-                                    torch::stable::detail::from(out)};
-  STABLE_TORCH_ERROR_CODE_CHECK(torch_call_dispatcher("aten::mm", "out", stack.data(), TORCH_ABI_VERSION));
-}
 
 // ---- argument checks (Python validates first with friendlier errors) --------------------------------
 

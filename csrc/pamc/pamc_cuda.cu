@@ -10,11 +10,11 @@
 // negative weights, labels out of range) cannot raise here without a sync: Python validates them when a
 // graph is prepared, and the kernels skip such entries rather than read out of bounds.
 #include <algorithm>
-#include <array>
 #include <cmath>
 
 #include "common/cuda_utils.cuh"
 #include "pamc/pamc.h"
+#include "pamc/pamc_mm.h"
 
 namespace lossforge {
 namespace pamc {
@@ -294,12 +294,6 @@ __global__ void add_rows_kernel(const T* __restrict__ src, T* __restrict__ dst, 
 }
 
 // ---- host side ---------------------------------------------------------------------------------------
-
-void mm_out(const Tensor& a, const Tensor& b, const Tensor& out) {
-  std::array<StableIValue, 3> stack{torch::stable::detail::from(a), torch::stable::detail::from(b),
-                                    torch::stable::detail::from(out)};
-  STABLE_TORCH_ERROR_CODE_CHECK(torch_call_dispatcher("aten::mm", "out", stack.data(), TORCH_ABI_VERSION));
-}
 
 void check_z(const Tensor& z, const char* op) {
   check_device(z, true, op, "z");

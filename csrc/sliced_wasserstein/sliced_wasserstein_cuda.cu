@@ -10,7 +10,6 @@
 // a per-block slice of a global scratch tensor otherwise; the code is the same, only the pointers differ.
 // Written to be obviously correct rather than fast: plain loops, block-wide __syncthreads between
 // phases, fixed-order tree reductions.
-#include <cfloat>
 #include <climits>
 
 #include "common/cuda_utils.cuh"
@@ -22,13 +21,6 @@ namespace sliced_wasserstein {
 namespace {
 
 constexpr int kThreads = 256;  // a power of two (tree reductions)
-
-template <typename T>
-__device__ __forceinline__ T pad_key();
-template <>
-__device__ __forceinline__ float pad_key<float>() { return FLT_MAX; }
-template <>
-__device__ __forceinline__ double pad_key<double>() { return DBL_MAX; }
 
 struct Shape {
   int64_t B, N, M, d, L;
@@ -134,9 +126,15 @@ __device__ __forceinline__ double add_product(double acc, double a, double b) {
   return __dadd_rn(acc, __dmul_rn(a, b));
 }
 
-// (key, index) order: the total order that a stable sort by key produces.
+// Padding carries the index kPad.
+constexpr int kPad = INT_MAX;
+
+// (key, index) order: the total order that a stable sort by key produces. Padding comes after every
+// point whatever the keys: a NaN or infinite projection (not rejected on CUDA) must never move padding
+// into the first N slots, whose indices address the points and their gradients.
 template <typename T>
 __device__ __forceinline__ bool before(T ka, int ia, T kb, int ib) {
+  if (ia == kPad || ib == kPad) return ia < ib;
   return ka < kb || (ka == kb && ia < ib);
 }
 
@@ -201,13 +199,12 @@ sw_kernel(const T* __restrict__ x, const T* __restrict__ y, const T* __restrict_
   T* gwyb = pgwy ? pgwy + slot * s.M : nullptr;
   const int64_t bt = s.P.pair_stride == 0 ? 0 : b;
   const T invL = static_cast<T>(1.0 / static_cast<double>(s.L));
-  const bool grad_pos = s.grad_points || s.grad_projections;
 
   const int64_t l0 = c * s.Lc, l1 = min(s.L, l0 + s.Lc);
   for (int64_t l = l0; l < l1; ++l) {
-    // 1. project (padding sorts last: the largest finite key with the largest index)
+    // 1. project (padding: index kPad, sorts last whatever its key)
     for (int i = tid; i < n2; i += kThreads) {
-      T u = pad_key<T>(), v = pad_key<T>();
+      T u = 0, v = 0;
       if (i < N) {
         u = 0;
         for (int k = 0; k < d; ++k) u = add_product(u, xb[static_cast<int64_t>(i) * d + k], theta[s.P.at(bt, k, l)]);
@@ -219,9 +216,9 @@ sw_kernel(const T* __restrict__ x, const T* __restrict__ y, const T* __restrict_
         v += T(0);
       }
       w.kx[i] = u;
-      w.ix[i] = i < N ? i : INT_MAX;
+      w.ix[i] = i < N ? i : kPad;
       w.ky[i] = v;
-      w.iy[i] = i < M ? i : INT_MAX;
+      w.iy[i] = i < M ? i : kPad;
     }
     __syncthreads();
     // 2. sort both sides
@@ -308,7 +305,7 @@ sw_kernel(const T* __restrict__ x, const T* __restrict__ y, const T* __restrict_
         for (int k = 0; k < d; ++k) g[k] += w.cv[j] * theta[s.P.at(bt, k, l)];
       }
     }
-    if (grad_pos && s.grad_projections) {
+    if (s.grad_projections) {
       for (int k = 0; k < d; ++k) {
         double acc = 0;
         for (int i = tid; i < N; i += kThreads)
@@ -408,6 +405,9 @@ Outputs sliced_wasserstein_cuda(Tensor x, Tensor y, std::optional<Tensor> x_weig
                                 bool grad_projections) {
   const Args a = check_args(x, y, x_weights, y_weights, projections, p, grad_points, grad_weights, grad_projections,
                             /*cuda=*/true);
+  // grid.y holds the pairs; the padded length (a power of two) must fit an int
+  STD_TORCH_CHECK(a.B <= 65535, kOp, ": at most 65535 pairs per call on CUDA");
+  STD_TORCH_CHECK(std::max(a.N, a.M) <= (int64_t(1) << 30), kOp, ": at most 2^30 points per cloud on CUDA");
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   Outputs outs = allocate_outputs(x, a);
   if (a.B == 0) return outs;
@@ -476,7 +476,6 @@ Outputs sliced_wasserstein_cuda(Tensor x, Tensor y, std::optional<Tensor> x_weig
       check_cuda(cudaFuncSetAttribute(sw_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(shared_bytes)),
                  kOp);
-    STD_TORCH_CHECK(a.B <= 65535, kOp, ": at most 65535 pairs per call on CUDA");
     const dim3 grid(static_cast<unsigned>(s.C), static_cast<unsigned>(a.B));
     sw_kernel<T><<<grid, kThreads, shared_bytes, stream>>>(
         x.const_data_ptr<T>(), y.const_data_ptr<T>(), wxp, wyp, inv.const_data_ptr<double>(),

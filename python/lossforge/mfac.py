@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from ._ops import ops
+from ._ops import cuda_kernels_loaded, ops
 
 __all__ = ["StaticIHVP", "BlockIHVP", "SlidingWindowIHVP"]
 
@@ -149,9 +149,19 @@ def _check_grads(grads, name: str = "grads") -> torch.Tensor:
         raise TypeError(f"{name} must be float32 or float64, got {grads.dtype}")
     if grads.shape[0] < 1 or grads.shape[1] < 1:
         raise ValueError(f"{name} must have at least one row and one column, got shape {tuple(grads.shape)}")
+    _check_device(grads.device, name)
     if not bool(torch.isfinite(grads).all()):
         raise ValueError(f"{name} contains inf or NaN")
     return grads
+
+
+def _check_device(device: torch.device, what: str) -> torch.device:
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{what} must be on the CPU or a CUDA device, got {device}")
+    if device.type == "cuda" and not cuda_kernels_loaded():
+        raise RuntimeError(f"{what} is on {device} but lossforge was built without its CUDA kernels "
+                           "(rebuild with FORCE_CUDA=1, or use the CPU)")
+    return device
 
 
 def _check_vector(x, d: int, dtype: torch.dtype, device: torch.device, name: str = "x") -> torch.Tensor:
@@ -333,7 +343,8 @@ class SlidingWindowIHVP:
             raise ValueError(f"warmup must be 'scaled' or 'zeros', got {warmup!r}")
         self.refactor_every = _check_int("refactor_every", refactor_every, 0)
         self.dtype, self.storage_dtype, self.warmup = dtype, storage_dtype, warmup
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.device = _check_device(torch.device(device) if device is not None else torch.device("cpu"),
+                                    "SlidingWindowIHVP")
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.process_group = process_group
@@ -477,7 +488,7 @@ class SlidingWindowIHVP:
                 "warmup": self.warmup, "storage_dtype": str(self.storage_dtype).replace("torch.", "")}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("m", "dim", "warmup"):
+        for key in ("m", "dim", "damp", "warmup"):  # the factor U holds s * damp on its diagonal
             if state.get(key) != getattr(self, key):
                 raise ValueError(f"state_dict has {key}={state.get(key)!r}, this window has {getattr(self, key)!r}")
         if state.get("storage_dtype") != str(self.storage_dtype).replace("torch.", ""):

@@ -135,7 +135,12 @@ class AmortizedSlicedWasserstein(torch.nn.Module):
         wx = None if x_weights is None else x_weights.detach()
         wy = None if y_weights is None else y_weights.detach()
         proj = self._projections(self.direction(x, y), generator)  # reparameterised: gradients reach f
-        return _sliced_wasserstein(x, y, wx, wy, p=self.p, projections=proj, root=True, reduction="mean")
+        per_pair = _sliced_wasserstein(x, y, wx, wy, p=self.p, projections=proj, root=False, reduction="none")
+        # the p-th root with a zero gradient where a pair's value is 0 (identical clouds): pow's inf there
+        # times the kernel's zero gradient would put NaN into every parameter of the amortizer
+        tiny = torch.finfo(per_pair.dtype).tiny
+        root = torch.where(per_pair > 0, per_pair.clamp_min(tiny).pow(1.0 / self.p), torch.zeros_like(per_pair))
+        return root.mean()
 
     def amortizer_step(self, x, y, x_weights=None, y_weights=None, optimizer=None, generator=None) -> float:
         """One ascent step of the amortizer on the objective (Adam with `amortizer_lr` unless an optimizer
@@ -198,8 +203,13 @@ class DiceBettiMatchingLoss(torch.nn.Module):
         self.reduction = reduction
 
     def forward(self, pred, target):
-        from .betti_matching import _reduce
+        from .betti_matching import _check_images, _check_pair, _check_tensor, _reduce
 
+        # the Betti term validates too, but the Dice term would broadcast mismatched shapes first
+        _check_tensor(pred, "pred")
+        _check_tensor(target, "target")
+        _check_images(pred, "pred", True)
+        _check_pair(pred, target)
         dims = tuple(range(2, pred.dim()))
         t = target.to(pred.dtype)
         inter = (pred * t).sum(dims)

@@ -69,6 +69,14 @@ from .mfac import SlidingWindowIHVP as _MFACWindow  # noqa: E402
 from ._ops import ops as _ops  # noqa: E402
 
 
+def _check_mfac_options(lr, momentum, weight_decay, where: str) -> None:
+    for name, value in (("lr", lr), ("weight_decay", weight_decay)):
+        if not (isinstance(value, (int, float)) and value >= 0):
+            raise ValueError(f"{where}{name} must be a float >= 0, got {value!r}")
+    if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
+        raise ValueError(f"{where}momentum must be in [0, 1), got {momentum!r}")
+
+
 class MFAC(torch.optim.Optimizer):
     """The M-FAC optimizer (Frantar, Kurtic, Alistarh, NeurIPS 2021): preconditioned SGD with the inverse of
     the empirical Fisher of the last `ngrads` gradients, F = damp I + (1/s) sum g g^T, over all parameters
@@ -94,11 +102,7 @@ class MFAC(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, ngrads: int = 1024, damp: float = 1e-5, momentum: float = 0.0,
                  weight_decay: float = 0.0, *, storage_dtype: torch.dtype | None = None, warmup: str = "scaled",
                  refactor_every: int = 64, process_group=None):
-        for name, value in (("lr", lr), ("weight_decay", weight_decay)):
-            if not (isinstance(value, (int, float)) and value >= 0):
-                raise ValueError(f"{name} must be a float >= 0, got {value!r}")
-        if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        _check_mfac_options(lr, momentum, weight_decay, "")
         self._frozen = False
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self._frozen = True
@@ -109,6 +113,8 @@ class MFAC(torch.optim.Optimizer):
             raise TypeError(f"MFAC: all parameters must be float32, or all float64, got {sorted(map(str, dtypes))}")
         if len(devices) != 1:
             raise ValueError(f"MFAC: all parameters must be on one device, got {sorted(map(str, devices))}")
+        if next(iter(devices)).type not in ("cpu", "cuda"):
+            raise ValueError(f"MFAC: parameters must be on the CPU or a CUDA device, got {next(iter(devices))}")
         for i, p in enumerate(plist):
             if not p.is_contiguous():
                 raise ValueError(f"MFAC: parameter {i} (shape {tuple(p.shape)}) is not contiguous; "
@@ -180,6 +186,8 @@ class MFAC(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for gi, group in enumerate(self.param_groups):  # before the window changes
+            _check_mfac_options(group["lr"], group["momentum"], group["weight_decay"], f"MFAC: param_groups[{gi}]: ")
         win = self._window
         # This rank's share as per-group segments of parameter and gradient views (no copies).
         segments = []

@@ -236,7 +236,15 @@ def _positive_setup(ctx, inputs, output):
     ctx.tau = tau
 
 
+def _refuse_double_backward(fn: str):
+    # The backward kernels are not differentiable: a graph through them would give a silently wrong
+    # second derivative (torch only warns), so refuse it.
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"lossforge.{fn} does not support double backward (create_graph=True)")
+
+
 def _positive_backward(ctx, grad, grad_u, grad_inv):
+    _refuse_double_backward("pamc_loss")
     u, inv, rowptr, col, weight, colptr, trow, tedge, lse = ctx.saved_tensors
     gz = None
     if ctx.needs_input_grad[0]:
@@ -261,7 +269,11 @@ def _segment_sum_setup(ctx, inputs, output):
 
 def _segment_sum_backward(ctx, grad_sums, grad_counts):
     (labels,) = ctx.saved_tensors
-    return grad_sums.index_select(0, labels), None, None
+    k, d = grad_sums.shape
+    # Labels out of range (unchecked on CUDA when num_clusters is given: no host sync) were left out by the
+    # forward: they get a zero row here, never an out-of-bounds index (a device-side assert on CUDA).
+    safe = torch.where((labels >= 0) & (labels < k), labels, k)
+    return torch.cat([grad_sums, grad_sums.new_zeros(1, d)]).index_select(0, safe), None, None
 
 
 torch.library.register_autograd("lossforge::pamc_segment_sum", _segment_sum_backward, setup_context=_segment_sum_setup)
@@ -287,6 +299,7 @@ def _pairwise_setup(ctx, inputs, output):
 
 
 def _pairwise_backward(ctx, grad_loss, grad_stats):
+    _refuse_double_backward("pairwise_contrastive_loss")
     z, rowptr, col, weight, colptr, trow, tedge, stats = ctx.saved_tensors
     gz = None
     if ctx.needs_input_grad[0]:
@@ -361,7 +374,9 @@ def _meta_nodes(z: torch.Tensor, assignment, soft: bool, num_clusters, fn: str):
             raise ValueError(f"{fn}: num_clusters={num_clusters} but assignment has {k} columns")
         if soft:
             q = assignment.to(z.dtype)
-            return q.t().matmul(z), q.detach().sum(0) > 0  # one GEMM, gradient into Q and z
+            # one GEMM, gradient into Q and z; a column of zeros is an empty cluster (a NaN column is not:
+            # NaN in Q propagates to the loss)
+            return q.t().matmul(z), ~(q.detach().sum(0) <= 0)
         labels = assignment.detach().argmax(1)  # no gradient through the argmax
     else:
         if assignment.dtype not in (torch.int64, torch.int32):
@@ -411,7 +426,8 @@ def pamc_loss(z: torch.Tensor, edge_index, edge_weight: torch.Tensor | None = No
     argmax of a soft Q (no gradient through it, meta-nodes m_a = Σ z_i); soft=True uses M = QᵀZ with
     gradients into Q. reduction: "mean" (the paper's loss), "sum" or "none" (per node: the node's
     positive term plus the shared meta-node term, so that "mean" is the mean of "none").
-    num_clusters: k for hard labels (default: max label + 1, a host sync on CUDA).
+    num_clusters: k for hard labels (default: max label + 1, a host sync on CUDA). On CUDA, labels are
+    range-checked only without it (with it, a label out of range leaves its node out of the meta-nodes).
 
     >>> g = lossforge.stochastic_block_model(300, 3, seed=0)
     >>> ei, w = lossforge.influence_matrix(g.edge_index, 300, order=2)

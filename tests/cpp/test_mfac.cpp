@@ -1,4 +1,4 @@
-// M-FAC math shared by host and device (csrc/mfac/mfac.h): bfloat16 conversions and the momentum rule.
+// M-FAC math shared by host and device (csrc/mfac/mfac.h): bfloat16 conversions and x + wd * p.
 #include <cstdint>
 #include <cmath>
 #include <cstring>
@@ -44,12 +44,12 @@ int main() {
   CHECK(stored(1.00390625f, static_cast<const float*>(nullptr)) == 1.00390625f);
   CHECK(stored(1.00390625f, static_cast<const uint16_t*>(nullptr)) == 1.0f);  // 1 + 2^-8: a tie, to even
   CHECK(stored(0.1, static_cast<const double*>(nullptr)) == 0.1);
-  // momentum: v <- mu v + (1 - mu) y, and the step direction is the new v (or y without momentum)
-  double v = 2.0;
-  CHECK_NEAR(momentum_update(1.0, &v, 0.75), 0.75 * 2.0 + 0.25 * 1.0, 1e-15);
-  CHECK_NEAR(v, 1.75, 1e-15);
-  double w = 5.0;
-  CHECK(momentum_update(3.0, &w, 0.0) == 3.0 && w == 5.0);
+  // x + wd * p is a multiply, then an add, each rounded, as in torch (no FMA): with a = 1 + 2^-12,
+  // a * a = 1 + 2^-11 + 2^-24 rounds (a tie, to even) to 1 + 2^-11, which the add cancels exactly; one
+  // FMA would return 2^-24
+  volatile float a = 1.0f + 1.0f / 4096.0f, x = -(1.0f + 1.0f / 2048.0f);  // volatile: computed at run time
+  CHECK(add_scaled(x, a, a) == 0.0f);
+  CHECK(add_scaled(0.5, 0.25, 3.0) == 1.25);
   if (failures() == 0) std::printf("test_mfac: all checks passed\n");
   return failures();
 }

@@ -48,6 +48,12 @@ int main() {
   big.add(999.0, 1.0);
   big.add(1000.0, 1.0);
   CHECK_NEAR(big.value(), 1000.0 + std::log1p(std::exp(-1.0)), 1e-14);
+  // NaN propagates: a NaN term, or a NaN partial sum merged in, makes the row NaN (never -inf or finite)
+  OnlineLSE nan_term = a, nan_merge = a;
+  nan_term.add(std::nan(""), 1.0);
+  nan_term.add(5.0, 1.0);
+  nan_merge.merge(0.0, std::nan(""));
+  CHECK(std::isnan(nan_term.value()) && std::isnan(nan_merge.value()));
   // logaddexp and log(P + eps)
   CHECK_NEAR(logaddexp(std::log(2.0), std::log(3.0)), std::log(5.0), 1e-15);
   CHECK(logaddexp(-inf, 1.5) == 1.5 && logaddexp(1.5, -inf) == 1.5 && logaddexp(-inf, -inf) == -inf);

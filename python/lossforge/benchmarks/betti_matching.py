@@ -22,13 +22,12 @@ import importlib
 import importlib.util
 import os
 import sys
-import time
 
 import numpy as np
 import torch
 
 import lossforge
-from lossforge.bench import Case
+from lossforge.bench import Case, floor_ms
 
 FAMILY = "betti_matching"
 _OPS = torch.ops.lossforge
@@ -47,23 +46,6 @@ def reference_build():
     if folder not in sys.path:
         sys.path.insert(0, folder)
     return importlib.import_module("betti_matching")
-
-
-@functools.lru_cache(maxsize=None)
-def _bandwidth_gbs() -> float:
-    src = torch.ones(1 << 25)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * src.numel() * 4 / best / 1e9
-
-
-def _floor_ms(n_pixels: int) -> float:
-    return 2 * n_pixels * 4 / (_bandwidth_gbs() * 1e9) * 1e3
 
 
 def _blur(x: torch.Tensor, passes: int) -> torch.Tensor:
@@ -194,8 +176,8 @@ def _ref_loss(threads):
         x = pred.detach().requires_grad_()
         f = 1 - x.reshape((-1,) + tuple(x.shape[2:]))
         g = 1 - target.reshape((-1,) + tuple(x.shape[2:]))
-        fs = [a.detach().double().numpy() for a in f]
-        gs = [a.double().numpy() for a in g]
+        fs = [a.detach().double().cpu().numpy() for a in f]  # the build takes host arrays (CUDA cases too)
+        gs = [a.double().cpu().numpy() for a in g]
         with _Threads(threads):
             results = reference_build().compute_matching(fs, gs)
         D = x.dim() - 2
@@ -257,7 +239,7 @@ def _label(shape, threads):
     return f"{batch}{sp} {'1 thread' if threads == 1 else 'all threads'}"
 
 
-def _matching_case(shape, threads) -> Case:
+def _matching_case(shape, threads, device) -> Case:
     def setup(dev):
         return segmentation_pair(shape)
 
@@ -265,7 +247,7 @@ def _matching_case(shape, threads) -> Case:
     impls = {"lossforge": _ours_matching(threads), "Betti-Matching-3D build": _ref_matching(threads)}
     n = int(np.prod(shape))
     return Case(FAMILY, "betti_matching", _label(shape, threads), impls, setup, check=_check_matching(spatial),
-                floor_ms=_floor_ms(n))
+                floor_ms=floor_ms(2 * n * 4, device))
 
 
 def _have_reference_build() -> bool:
@@ -288,7 +270,7 @@ def _loss_case(shape, threads, device) -> Case:
         impls["build + topolosses loss"] = _ref_loss(threads)
     n = int(np.prod(shape))
     return Case(FAMILY, "betti_matching_loss fwd+bwd", _label(shape, threads), impls, setup, check=_check_loss,
-                floor_ms=_floor_ms(n))
+                floor_ms=floor_ms(2 * n * 4, device))
 
 
 def cases(device: str, full: bool) -> list[Case]:
@@ -302,12 +284,12 @@ def cases(device: str, full: bool) -> list[Case]:
         singles = [(1, 1, 64, 64), (1, 1, 256, 256), (1, 1, 512, 512), (1, 1, 32, 32, 32), (1, 1, 48, 48, 48)]
     out = []
     for s in singles:
-        out.append(_matching_case(s, 1))
+        out.append(_matching_case(s, 1, device))
     batch = (16, 1, 128, 128)
-    out.append(_matching_case(batch, 1))
-    out.append(_matching_case(batch, None))
+    out.append(_matching_case(batch, 1, device))
+    out.append(_matching_case(batch, None, device))
     for s in (singles if full else [(1, 1, 48, 48, 48)]):
-        out.append(_matching_case(s, None))
+        out.append(_matching_case(s, None, device))
     out.append(_loss_case((1, 1, 256, 256), 1, device))
     out.append(_loss_case(batch, None, device))
     return out

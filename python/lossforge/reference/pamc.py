@@ -68,7 +68,7 @@ def pamc_loss_reference(z: torch.Tensor, gamma: torch.Tensor, assignment: torch.
         k = num_clusters if num_clusters is not None else int(assignment.max()) + 1
         q = F.one_hot(assignment, k).to(z.dtype)
     meta = q.t() @ z
-    keep = (q.detach().sum(0) > 0).nonzero().flatten()
+    keep = (~(q.detach().sum(0) <= 0)).nonzero().flatten()  # non-empty clusters (NaN ones kept: NaN propagates)
     meta = meta[keep]
     big_s = cosine_masked(meta)
     neg = torch.log(torch.exp(tau * big_s).sum(1) + PAMC_EPS).mean()
