@@ -44,7 +44,11 @@ def family_sources(pattern):
     return rel(glob.glob(os.path.join(ROOT, "csrc", "*", pattern)))
 
 
-def write_build_config(with_cuda, arch_list):
+def else:
+    # an earlier in-place CUDA build must not ride along in a CPU-only wheel
+    for stale in glob.glob(os.path.join(ROOT, "python", "lossforge", "_C_cuda*.so")):
+        os.remove(stale)
+write_build_config(with_cuda, arch_list):
     path = os.path.join(ROOT, "python", "lossforge", "_build_config.py")
     text = (
         "# Written by setup.py at build time.\n"
@@ -93,6 +97,10 @@ if with_cuda:
             py_limited_api=True,
         )
     )
+else:
+    # an earlier in-place CUDA build must not ride along in a CPU-only wheel
+    for stale in glob.glob(os.path.join(ROOT, "python", "lossforge", "_C_cuda*.so")):
+        os.remove(stale)
 write_build_config(with_cuda, arch_list)
 
 setup(

@@ -284,11 +284,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"lossforge bench on {machine}", flush=True)
     rows: list[Row] = []
     notes: list[str] = []
+    failed = 0
     for family in args.family or FAMILIES:
         module = importlib.import_module(f"lossforge.benchmarks.{family}")
         for case in module.cases(args.device, args.full):
             print(f"  {case.family}: {case.op} {case.shape} ...", flush=True)
-            rows.extend(run_case(case, args.device, args.budget))
+            try:
+                rows.extend(run_case(case, args.device, args.budget))
+            except Exception as e:  # a failed check or a crash: report it, keep the other rows
+                failed += 1
+                notes.append(f"FAILED {case.family} {case.op} {case.shape}: {type(e).__name__}: {e}")
+                print(f"  FAILED: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                gc.collect()
+                continue
             if case.note:
                 notes.append(f"{case.family} {case.op} {case.shape}: {case.note}")
     lines = table(rows)
@@ -303,4 +311,4 @@ def main(argv: list[str] | None = None) -> int:
         f.write(format_markdown(lines, machine, command.strip(), notes))
     plot(lines, os.path.join(args.out, stem + ".png"), machine)
     print(f"\nwrote {os.path.join(args.out, stem)}.md and .png")
-    return 0
+    return 1 if failed else 0
