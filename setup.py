@@ -44,11 +44,7 @@ def family_sources(pattern):
     return rel(glob.glob(os.path.join(ROOT, "csrc", "*", pattern)))
 
 
-def else:
-    # an earlier in-place CUDA build must not ride along in a CPU-only wheel
-    for stale in glob.glob(os.path.join(ROOT, "python", "lossforge", "_C_cuda*.so")):
-        os.remove(stale)
-write_build_config(with_cuda, arch_list):
+def write_build_config(with_cuda, arch_list):
     path = os.path.join(ROOT, "python", "lossforge", "_build_config.py")
     text = (
         "# Written by setup.py at build time.\n"
