@@ -289,77 +289,83 @@ def _chunk_loss_and_grads(hidden, weight, bias, target, class_weight, ignore_ind
     n = hidden.shape[0]
     acc = _acc_dtype(hidden.dtype)
     loss_rows = hidden.new_empty(n, dtype=acc)
-    wsum_rows = hidden.new_empty(n, dtype=acc)
     gh = torch.empty_like(hidden) if need_grads else None
-    gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_grads else None
-    gb = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_grads and bias is not None else None
+    gw = gb = None
     for i in range(0, n, chunk):
         h = hidden[i:i + chunk]
         logits = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
         t = target[i:i + chunk]
         lrows, stats = ops.stablemax_cross_entropy(logits, t, class_weight, 1, ignore_index, label_smoothing)
         loss_rows[i:i + chunk] = lrows
-        wsum_rows[i:i + chunk] = stats[:, 2]
         if need_grads:
             g = grad_rows if grad_rows.numel() == 1 else grad_rows[i:i + chunk].contiguous()
             glogits = ops.stablemax_cross_entropy_backward(g, logits, t, class_weight, stats, 1, ignore_index,
                                                            label_smoothing)
             del logits
             torch.matmul(glogits, weight, out=gh[i:i + chunk])
-            if gw.dtype == glogits.dtype:
+            if gw is None:
+                gw = (glogits.t() @ h).to(acc)
+            elif gw.dtype == glogits.dtype:
                 gw.addmm_(glogits.t(), h)  # accumulate inside the GEMM (beta = 1)
             else:
                 gw += (glogits.t() @ h).to(acc)
-            if gb is not None:
-                gb += glogits.sum(0, dtype=acc)
-    return loss_rows, wsum_rows, gh, gw, gb
+            if bias is not None:
+                gb = glogits.sum(0, dtype=acc) if gb is None else gb + glogits.sum(0, dtype=acc)
+    return loss_rows, gh, gw, gb
+
+
+def _mean_denominator(target, class_weight, ignore_index, acc):
+    """PyTorch's weighted-mean denominator, the summed weights of the non-ignored targets, from the
+    targets alone (so that the chunked gradients come out already scaled)."""
+    valid = target != ignore_index
+    if class_weight is None:
+        return valid.sum().to(acc)
+    safe = torch.where(valid, target, torch.zeros_like(target)).clamp(0, class_weight.shape[0] - 1)
+    return (class_weight[safe] * valid).sum().to(acc)
 
 
 @torch.library.custom_op("lossforge::fused_linear_stablemax_cross_entropy", mutates_args=())
 def _fused_linear_ce(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None,
                      class_weight: torch.Tensor | None, ignore_index: int, label_smoothing: float, reduction: str,
                      chunk_size: int, need_grads: bool
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (loss, d loss/d hidden, d loss/d weight, d loss/d bias, loss rows); the gradients are
-    computed in the same chunked pass (for mean/sum) so the backward only rescales them."""
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (loss, d loss/d hidden, d loss/d weight, d loss/d bias); for mean/sum the gradients are
+    computed in the same chunked pass, so the backward only multiplies them by the incoming gradient."""
     acc = _acc_dtype(hidden.dtype)
-    one = torch.ones(1, dtype=acc, device=hidden.device)
     grads_now = need_grads and reduction != "none"
-    loss_rows, wsum_rows, gh, gw, gb = _chunk_loss_and_grads(
-        hidden, weight, bias, target, class_weight, ignore_index, label_smoothing, chunk_size, one, grads_now)
+    denom = _mean_denominator(target, class_weight, ignore_index, acc) if reduction == "mean" else None
+    scale = (1 / denom if denom is not None else torch.ones((), dtype=acc, device=hidden.device)).reshape(1)
+    loss_rows, gh, gw, gb = _chunk_loss_and_grads(
+        hidden, weight, bias, target, class_weight, ignore_index, label_smoothing, chunk_size, scale, grads_now)
     if reduction == "none":
         loss = loss_rows.to(hidden.dtype)
     elif reduction == "sum":
         loss = loss_rows.sum().to(hidden.dtype)
     else:
-        denom = wsum_rows.sum()
         loss = (loss_rows.sum() / denom).to(hidden.dtype)
-        if grads_now:
-            gh, gw = gh / denom.to(gh.dtype), gw / denom
-            gb = gb / denom if gb is not None else None
+
     def empty():
         return hidden.new_empty(0)  # a fresh tensor each: outputs of a custom op must not alias
 
     return (loss, gh if gh is not None else empty(), gw.to(weight.dtype) if gw is not None else empty(),
-            gb.to(weight.dtype) if gb is not None else empty(), wsum_rows)
+            gb.to(weight.dtype) if gb is not None else empty())
 
 
 @_fused_linear_ce.register_fake
 def _fused_linear_ce_fake(hidden, weight, target, bias, class_weight, ignore_index, label_smoothing, reduction,
                           chunk_size, need_grads):
-    acc = _acc_dtype(hidden.dtype)
     loss = hidden.new_empty(hidden.shape[0]) if reduction == "none" else hidden.new_empty(())
     grads_now = need_grads and reduction != "none"
     gh = torch.empty_like(hidden) if grads_now else hidden.new_empty(0)
     gw = torch.empty_like(weight) if grads_now else hidden.new_empty(0)
     gb = bias.new_empty(bias.shape) if grads_now and bias is not None else hidden.new_empty(0)
-    return loss, gh, gw, gb, hidden.new_empty(hidden.shape[0], dtype=acc)
+    return loss, gh, gw, gb
 
 
 def _fused_setup(ctx, inputs, output):
     hidden, weight, target, bias, class_weight, ignore_index, label_smoothing, reduction, chunk_size, _ = inputs
-    _, gh, gw, gb, wsum_rows = output
-    ctx.mark_non_differentiable(gh, gw, gb, wsum_rows)
+    _, gh, gw, gb = output
+    ctx.mark_non_differentiable(gh, gw, gb)
     ctx.reduction = reduction
     ctx.opts = (ignore_index, label_smoothing, chunk_size)
     ctx.has_bias = bias is not None
@@ -374,14 +380,16 @@ def _fused_backward(ctx, grad_loss, *unused):
         hidden, weight, target, bias, class_weight = ctx.saved_tensors
         ignore_index, label_smoothing, chunk = ctx.opts
         grad_rows = grad_loss.to(_acc_dtype(hidden.dtype)).contiguous()
-        _, _, gh, gw, gb = _chunk_loss_and_grads(hidden, weight, bias, target, class_weight, ignore_index,
-                                                 label_smoothing, chunk, grad_rows, True)
+        _, gh, gw, gb = _chunk_loss_and_grads(hidden, weight, bias, target, class_weight, ignore_index,
+                                              label_smoothing, chunk, grad_rows, True)
         gw = gw.to(weight.dtype)
         gb = gb.to(weight.dtype) if gb is not None else None
     else:
+        # In place: these buffers belong to this graph node alone (a second backward through a retained
+        # graph raises torch's "modified by an inplace operation" error instead of scaling twice).
         gh, gw, gb = ctx.saved_tensors
-        gh, gw = gh * grad_loss.to(gh.dtype), gw * grad_loss.to(gw.dtype)
-        gb = gb * grad_loss.to(gb.dtype) if ctx.has_bias else None
+        gh, gw = gh.mul_(grad_loss.to(gh.dtype)), gw.mul_(grad_loss.to(gw.dtype))
+        gb = gb.mul_(grad_loss.to(gb.dtype)) if ctx.has_bias else None
     return gh, gw, None, gb, None, None, None, None, None, None
 
 
