@@ -385,11 +385,10 @@ def _fused_backward(ctx, grad_loss, *unused):
         gw = gw.to(weight.dtype)
         gb = gb.to(weight.dtype) if gb is not None else None
     else:
-        # In place: these buffers belong to this graph node alone (a second backward through a retained
-        # graph raises torch's "modified by an inplace operation" error instead of scaling twice).
+        # out of place: a retained graph may run this backward again (gradcheck does)
         gh, gw, gb = ctx.saved_tensors
-        gh, gw = gh.mul_(grad_loss.to(gh.dtype)), gw.mul_(grad_loss.to(gw.dtype))
-        gb = gb.mul_(grad_loss.to(gb.dtype)) if ctx.has_bias else None
+        gh, gw = gh * grad_loss.to(gh.dtype), gw * grad_loss.to(gw.dtype)
+        gb = gb * grad_loss.to(gb.dtype) if ctx.has_bias else None
     return gh, gw, None, gb, None, None, None, None, None, None
 
 
