@@ -465,6 +465,48 @@ def test_orthograd_optimizer_forwards_arguments(base, kwargs):
         assert opt.param_groups[0][key] == value
 
 
+def test_orthograd_closure_gradients_are_projected():
+    """A closure reaches the base optimizer, and every evaluation of it (LBFGS evaluates several per
+    step) leaves projected gradients: orthogonal to the parameter, with the raw gradient's norm."""
+    torch.manual_seed(0)
+    w = torch.randn(20, dtype=torch.float64, requires_grad=True)
+    x, y = torch.randn(40, 20, dtype=torch.float64), torch.randn(40, dtype=torch.float64)
+    raw, at = [], []
+
+    def closure():
+        w.grad = None
+        loss = ((x @ w - y) ** 2).mean()
+        loss.backward()
+        raw.append(w.grad.clone())
+        at.append(w.detach().clone())
+        return loss
+
+    class ThreeEvaluations(torch.optim.SGD):
+        """SGD that evaluates the closure three times per step, moving between them, and records what it sees."""
+        seen = []
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for _ in range(3):
+                with torch.enable_grad():
+                    closure()
+                type(self).seen.append((w.detach().clone(), w.grad.clone()))
+                w.sub_(0.05 * w.grad)
+
+    loss = lossforge.optim.OrthoGrad([w], ThreeEvaluations, lr=0.1).step(closure)
+    assert loss is None and len(raw) == 3 and len(ThreeEvaluations.seen) == 3
+    for g_raw, (w_at, g_seen) in zip(raw, ThreeEvaluations.seen):
+        torch.testing.assert_close(g_seen, ref.orthograd_(w_at, g_raw.clone()), rtol=1e-12, atol=1e-14)
+        assert abs(torch.dot(g_seen, w_at).item()) < 1e-10 * w_at.norm().item() * g_raw.norm().item()
+
+    # LBFGS runs with its closure (several evaluations); the gradient it holds is the last one, projected
+    raw.clear()
+    at.clear()
+    opt = lossforge.optim.OrthoGrad([w], torch.optim.LBFGS, lr=0.5, max_iter=4)
+    assert torch.is_tensor(opt.step(closure)) and len(raw) >= 2
+    torch.testing.assert_close(w.grad, ref.orthograd_(at[-1], raw[-1].clone()), rtol=1e-12, atol=1e-14)
+
+
 def test_orthograd_state_dict_round_trip():
     factory = lambda m: lossforge.optim.OrthoGrad(m.parameters(), torch.optim.Adam, lr=1e-2)  # noqa: E731
     model, opt = _train(factory, steps=3)

@@ -38,11 +38,7 @@ class OrthoGrad(torch.optim.Optimizer):
         self.state = self.base_optimizer.state
 
     @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _project_gradients(self):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -50,8 +46,22 @@ class OrthoGrad(torch.optim.Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError("OrthoGrad: sparse gradients are not supported")
                 _orthograd_(p.grad, p)
-        self.base_optimizer.step()
-        return loss
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step of the base optimizer on the projected gradients. A closure is handed on to the base
+        optimizer wrapped so that every gradient it computes is projected: optimizers that evaluate it
+        several times per step (LBFGS) see only projected gradients."""
+        if closure is None:
+            self._project_gradients()
+            return self.base_optimizer.step()
+
+        def projected_closure():
+            with torch.enable_grad():
+                loss = closure()
+            self._project_gradients()
+            return loss
+        return self.base_optimizer.step(projected_closure)
 
     def state_dict(self):
         return self.base_optimizer.state_dict()
