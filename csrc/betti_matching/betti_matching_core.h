@@ -31,9 +31,11 @@
 #pragma once
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <ctime>
 #include <numeric>
 #include <stdexcept>
 #include <utility>
@@ -475,12 +477,11 @@ void top_pairs(const Geom<D>& g, const Ranks& rk, const std::vector<u32>& codim1
 //               entries = their cofaces, pivot = the smallest face (a matrix and its anti-transpose
 //               have the same pivot pairs).
 // Which one needs less work depends on the data (ties in one order make long reduction chains in
-// the other), so the two race: each advances by a work budget in turn, the budget doubles, and the
-// first to finish wins (at most ~3x the work of the better one; deterministic).
+// the other), so the two race (see race()); the pairs do not depend on the winner.
 //
 // Keys are (rank << 32 | cell id), inverted for cohomology, so that the pivot is always the largest
 // key. A column whose largest entry is still free is paired at once (apparent / emergent pair);
-// the others are reduced with a max-heap with lazy cancellation and kept for later additions.
+// the others are reduced by sorted merges and kept for later additions.
 
 struct DimOneSide {
   const Geom<3>* g = nullptr;
@@ -559,7 +560,6 @@ struct DimOneReducer {
   u32 i = 0;                   // next column
   bool busy = false;           // column i is in work_col, partly reduced
   bool started = false;
-  u64 spent = 0;               // work so far
 
   // Prepares a fresh reduction of the given columns and rows.
   void reset(const DimOneSide& sd) {
@@ -568,7 +568,6 @@ struct DimOneReducer {
     i = 0;
     busy = false;
     started = false;
-    spent = 0;
   }
   void start() {
     const size_t nrows = static_cast<size_t>(side.g->V) * 3;
@@ -622,14 +621,15 @@ struct DimOneReducer {
     pool.insert(pool.end(), work_col.begin(), work_col.end());
     return kStored | static_cast<u32>(off);
   }
-  // Reduces columns until about `budget` units of work are spent; true when all are reduced.
-  bool advance(u64 budget) {
+  // Reduces columns until about `budget` units of work are spent or column `stop` is reached;
+  // true when all are reduced.
+  bool advance(u64 budget, u32 stop = 0xFFFFFFFFu) {
     if (!started) start();
     u64 work = 0;
     u64 k[4];
     bool suspended = false;
     while (i < side.ncols && !suspended) {
-      if (work >= budget) {
+      if (work >= budget || i >= stop) {
         suspended = true;
         break;
       }
@@ -686,7 +686,6 @@ struct DimOneReducer {
         }
       }
     }
-    spent += work;
     return i >= side.ncols;
   }
   u32 column_cell(u32 entry) const { return (entry & kStored) ? static_cast<u32>(pool[(entry & ~kStored) + 1]) : entry - 1; }
@@ -699,46 +698,54 @@ struct DimOneReducer {
   }
 };
 
-// Races the two formulations; returns the finished one (the other is released). Both first get
-// about half a scan of their columns; then the side whose remaining work looks smaller
-// advances by as much as it has spent so far (doubling). Remaining work is extrapolated from the
-// side's latest advance (its work per column there; an advance that finished no column counts as
-// at least that much per remaining column), since columns get costlier towards the end. A side
-// never gets more than 8x the other's work before the other has a turn. Work counts merged entries,
-// so the outcome is deterministic.
+// Races the two formulations; returns the finished one (the other is released). Both give the
+// same pairs (the pivot pairs of one matrix), so the race only decides the speed, and it is timed
+// in this thread's CPU time: a count of operations misjudges it (a column start costs a few cache
+// misses on continuous data and next to nothing on binary data, where the cells come in memory
+// order). Both forms first reduce the same first 1/64 of their columns; the faster goes on, in
+// chunks, until it has spent twice what the other would need at its probe's pace; then the other
+// gets its turn on the same terms (so a misleading probe costs at most a small factor).
+inline double thread_seconds() {
+#if defined(CLOCK_THREAD_CPUTIME_ID)
+  timespec t;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+  return static_cast<double>(t.tv_sec) + 1e-9 * static_cast<double>(t.tv_nsec);
+#else
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+#endif
+}
+
 struct RaceSide {
   DimOneReducer* r;
-  u64 last_work = 0;
-  u32 last_cols = 0;
-  bool advance(u64 budget) {
-    const u64 w0 = r->spent;
-    const u32 i0 = r->i;
-    const bool done = r->advance(budget);
-    last_work = r->spent - w0;
-    last_cols = r->i - i0;
+  double seconds = 0;
+  bool advance(u64 budget, u32 stop = 0xFFFFFFFFu) {
+    const double t0 = thread_seconds();
+    const bool done = r->advance(budget, stop);
+    seconds += thread_seconds() - t0;
     return done;
   }
-  double remaining() const {
-    const double left = static_cast<double>(r->side.ncols - r->i);
-    return static_cast<double>(last_work) / std::max<u32>(last_cols, 1) * left;
+  // this side's total time at its pace so far
+  double projected() const {
+    return seconds / std::max<u32>(r->i, 1) * std::max<u32>(r->side.ncols, 1);
   }
 };
 
-inline u64 race_budget(const DimOneReducer& a, const DimOneReducer& b) {
-  return DimOneReducer::kColumnWork * std::max(a.side.ncols, b.side.ncols) / 2 + 1024;
-}
-
 inline DimOneReducer* race(DimOneReducer& a, DimOneReducer& b) {
-  const u64 b0 = race_budget(a, b);
+  const u32 n = std::max(a.side.ncols, b.side.ncols);
+  const u32 probe = std::max<u32>(n / 64, 64);
+  const u64 chunk = DimOneReducer::kColumnWork * (n / 64) + 1024;
   RaceSide sa{&a}, sb{&b};
   DimOneReducer* done = nullptr;
-  if (sa.advance(b0)) done = &a;
-  else if (sb.advance(b0)) done = &b;
+  if (sa.advance(~u64(0), probe)) done = &a;
+  else if (sb.advance(~u64(0), probe)) done = &b;
+  RaceSide* x = sa.seconds <= sb.seconds ? &sa : &sb;
+  RaceSide* y = x == &sa ? &sb : &sa;
   while (!done) {
-    RaceSide* x = sa.remaining() <= sb.remaining() ? &sa : &sb;
-    RaceSide* y = x == &sa ? &sb : &sa;
-    if (x->r->spent >= 8 * y->r->spent) std::swap(x, y);
-    if (x->advance(std::max(b0, x->r->spent))) done = x->r;
+    const double limit = 2 * y->projected();
+    do {
+      if (x->advance(chunk)) done = x->r;
+    } while (!done && x->seconds <= limit);
+    std::swap(x, y);
   }
   (done == &a ? b : a).release();
   return done;
