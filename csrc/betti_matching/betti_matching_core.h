@@ -38,6 +38,7 @@
 #include <ctime>
 #include <numeric>
 #include <stdexcept>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -130,13 +131,18 @@ struct FastDiv {
 
 // ---------------------------------------------------------------------------------------------
 // Geometry of a D-dimensional grid (D = 2 or 3). Vertex ids are C-order linear indices; edge ids
-// are v*D + axis; 3D face ids are v*3 + normal axis; top cells (squares / cubes) are numbered in
-// C order over the (n_i - 1) grid, and the boundary node of the dual graph is T.
+// are v*D + axis; 3D face ids are v*3 + normal axis.
+// Top cells (squares / cubes) are numbered by their lower corner's vertex id plus one slab
+// (vs[0]): the two cofaces of a codimension-1 cell (v, axis) are then v + slab and v + slab minus
+// a stride, with no division and no bounds test. The slots that hold no top cell (a corner on a
+// last row / column / slab, or in the extra front slab) belong to the boundary node B = P - 1 of
+// the dual graph from the start. The numbering keeps the C order of the cells (ties of ranks).
 
 template <int D>
 struct Geom {
-  int64_t n[3] = {1, 1, 1}, m[3] = {0, 0, 0}, vs[3] = {0, 0, 0}, ts[3] = {0, 0, 0};
-  u32 V = 0, T = 0;
+  int64_t n[3] = {1, 1, 1}, m[3] = {0, 0, 0}, vs[3] = {0, 0, 0};
+  u32 V = 0;
+  u32 slab = 0, P = 0;         // top cell of lower corner v: v + slab; P slots, the last is B
   FastDiv div_row, div_plane;  // by n[D-1] and (3D) by n[1] * n[2]
 
   explicit Geom(const int64_t* sizes) {
@@ -144,18 +150,18 @@ struct Geom {
       n[i] = sizes[i];
       m[i] = sizes[i] - 1;
     }
-    int64_t s = 1, t = 1;
+    int64_t s = 1;
     for (int i = D - 1; i >= 0; --i) {
       vs[i] = s;
-      ts[i] = t;
       s *= n[i];
-      t *= m[i];
     }
     V = static_cast<u32>(s);
-    T = static_cast<u32>(t);
+    slab = static_cast<u32>(vs[0]);
+    P = V + slab + 1;
     div_row = FastDiv(static_cast<u32>(n[D - 1]));
     if (D == 3) div_plane = FastDiv(static_cast<u32>(n[1] * n[2]));
   }
+  u32 boundary() const { return P - 1; }
   // 32-bit divisions (much cheaper than 64-bit ones on the hot paths)
   void coords(u32 v, int64_t* c) const {
     if (D == 2) {
@@ -170,11 +176,6 @@ struct Geom {
       c[1] = y;
       c[2] = r - y * static_cast<u32>(n[2]);
     }
-  }
-  int64_t top_id(const int64_t* c) const {
-    int64_t t = 0;
-    for (int i = 0; i < D; ++i) t += c[i] * ts[i];
-    return t;
   }
   // Calls f(edge id, lower vertex, axis) for every edge in increasing id order.
   template <typename F>
@@ -247,53 +248,45 @@ struct CellRanks {
   }
 };
 
-// Rank of every top cell: max over its 2^D vertices.
+// Rank of every top cell (max over its 2^D vertices) in the padded numbering; the other slots and
+// B get ~0 (above every rank: B is the elder of every dual component).
 template <int D>
 void top_ranks(const Geom<D>& g, const u32* R, std::vector<u32>& out) {
-  out.resize(g.T);
-  u32 t = 0;
+  out.assign(g.P, ~0u);
+  u32* o = out.data() + g.slab;
   if (D == 2) {
     const u32 s0 = static_cast<u32>(g.vs[0]);
-    for (int64_t x = 0; x < g.m[0]; ++x)
-      for (int64_t y = 0; y < g.m[1]; ++y, ++t) {
-        const u32 v = static_cast<u32>(x * g.vs[0] + y);
-        out[t] = std::max(std::max(R[v], R[v + 1]), std::max(R[v + s0], R[v + s0 + 1]));
-      }
+    for (int64_t x = 0; x < g.m[0]; ++x) {
+      const u32 row = static_cast<u32>(x * g.vs[0]);
+      for (u32 v = row; v < row + static_cast<u32>(g.m[1]); ++v)
+        o[v] = std::max(std::max(R[v], R[v + 1]), std::max(R[v + s0], R[v + s0 + 1]));
+    }
   } else {
     const u32 s0 = static_cast<u32>(g.vs[0]), s1 = static_cast<u32>(g.vs[1]);
     for (int64_t x = 0; x < g.m[0]; ++x)
-      for (int64_t y = 0; y < g.m[1]; ++y)
-        for (int64_t z = 0; z < g.m[2]; ++z, ++t) {
-          const u32 v = static_cast<u32>(x * g.vs[0] + y * g.vs[1] + z);
-          u32 r = std::max(std::max(R[v], R[v + 1]), std::max(R[v + s1], R[v + s1 + 1]));
-          r = std::max(r, std::max(std::max(R[v + s0], R[v + s0 + 1]), std::max(R[v + s0 + s1], R[v + s0 + s1 + 1])));
-          out[t] = r;
+      for (int64_t y = 0; y < g.m[1]; ++y) {
+        const u32 row = static_cast<u32>(x * g.vs[0] + y * g.vs[1]);
+        for (u32 v = row; v < row + static_cast<u32>(g.m[2]); ++v) {
+          const u32 r = std::max(std::max(R[v], R[v + 1]), std::max(R[v + s1], R[v + s1 + 1]));
+          o[v] = std::max(r, std::max(std::max(R[v + s0], R[v + s0 + 1]), std::max(R[v + s0 + s1], R[v + s0 + s1 + 1])));
         }
+      }
   }
 }
 
-// Critical vertex of a top cell: 2D squares take the largest linear index on a tie, 3D cubes the
-// smallest (the reference's convention).
+// Critical vertex of top cell t (padded number): 2D squares take the largest linear index on a
+// tie, 3D cubes the smallest (the reference's convention).
 template <int D>
 u32 top_voxel(const Geom<D>& g, const u32* R, u32 rank, u32 t) {
-  int64_t c[3] = {0, 0, 0};
+  const u32 v = t - g.slab;
+  const u32 s0 = static_cast<u32>(g.vs[0]);
   if (D == 2) {
-    c[0] = t / g.m[1];
-    c[1] = t % g.m[1];
-    const u32 v = static_cast<u32>(c[0] * g.vs[0] + c[1]);
-    const u32 s0 = static_cast<u32>(g.vs[0]);
     const u32 cand[4] = {v + s0 + 1, v + s0, v + 1, v};
     for (u32 w : cand)
       if (R[w] == rank) return w;
     return v;
   } else {
-    const u32 myz = static_cast<u32>(g.m[1] * g.m[2]);
-    c[0] = t / myz;
-    const u32 r = t % myz;
-    c[1] = r / g.m[2];
-    c[2] = r % g.m[2];
-    const u32 v = static_cast<u32>(c[0] * g.vs[0] + c[1] * g.vs[1] + c[2]);
-    const u32 s0 = static_cast<u32>(g.vs[0]), s1 = static_cast<u32>(g.vs[1]);
+    const u32 s1 = static_cast<u32>(g.vs[1]);
     const u32 cand[8] = {v, v + 1, v + s1, v + s1 + 1, v + s0, v + s0 + 1, v + s0 + s1, v + s0 + s1 + 1};
     for (u32 w : cand)
       if (R[w] == rank) return w;
@@ -302,22 +295,39 @@ u32 top_voxel(const Geom<D>& g, const u32* R, u32 rank, u32 t) {
 }
 
 // Stable counting sort of cells by rank: gen(emit) must call emit(id, rank) for every cell in
-// increasing id order (it is called twice).
+// increasing id order (it is called twice). out: the cells' keys (rank << 32 | id), increasing:
+// the sweeps read each cell's rank with its id instead of recomputing it from vertex ranks.
 template <typename Gen>
-void counting_sort(u32 nranks, Gen&& gen, std::vector<u32>& out) {
+void counting_sort(u32 nranks, Gen&& gen, std::vector<u64>& out) {
   std::vector<u32> count(static_cast<size_t>(nranks) + 1, 0);
   gen([&](u32, u32 r) { count[r + 1]++; });
   for (u32 r = 0; r < nranks; ++r) count[r + 1] += count[r];
   out.resize(count[nranks]);
-  gen([&](u32 id, u32 r) { out[count[r]++] = id; });
+  gen([&](u32 id, u32 r) { out[count[r]++] = (u64(r) << 32) | id; });
 }
+inline u32 key_id(u64 key) { return static_cast<u32>(key); }
+inline u32 key_rank(u64 key) { return static_cast<u32>(key >> 32); }
+inline u64 make_key(u32 rank, u32 id) { return (u64(rank) << 32) | id; }
 
-inline u32 uf_find(u32* parent, u32 x) {
-  while (parent[x] != x) {
-    parent[x] = parent[parent[x]];
-    x = parent[x];
+// Union-find nodes carry, next to the parent, what the sweeps compare at a root (the rank of the
+// root's cell, elders of the other images): a root's data comes in the cache line of its parent
+// link, and the sweeps are bound by such random accesses.
+struct Node {
+  u32 parent, rank;
+};
+
+// Root of x's tree. The trees stay shallow (a find takes 0-2 steps almost always), so the first
+// two steps are taken without a branch (a root is its own parent): a loop's exit would be
+// mispredicted on every other call. Deeper paths are halved; x is then linked to its root.
+template <typename N>
+inline u32 uf_find(N* nd, u32 x) {
+  u32 r = nd[nd[x].parent].parent;
+  while (nd[r].parent != r) {
+    nd[r].parent = nd[nd[r].parent].parent;
+    r = nd[r].parent;
   }
-  return x;
+  nd[x].parent = r;
+  return r;
 }
 
 // A bar of one image in one dimension: critical vertices of its birth and death cells.
@@ -329,143 +339,165 @@ struct Bar {
 // Sorted cells of one image.
 
 template <int D>
-void sort_edges(const Geom<D>& g, const Ranks& rk, std::vector<u32>& out) {
+void sort_edges(const Geom<D>& g, const Ranks& rk, std::vector<u64>& out) {
   CellRanks<D> cr{g, rk.rank.data()};
   counting_sort(rk.nranks, [&](auto&& emit) { g.for_each_edge([&](u32 id, u32 v, int a) { emit(id, cr.edge_rank(v, a)); }); },
                 out);
 }
 
 // 3D faces in increasing (rank, id) order.
-inline void sort_faces(const Geom<3>& g, const Ranks& rk, std::vector<u32>& out) {
+inline void sort_faces(const Geom<3>& g, const Ranks& rk, std::vector<u64>& out) {
   CellRanks<3> cr{g, rk.rank.data()};
   counting_sort(rk.nranks, [&](auto&& emit) { g.for_each_face([&](u32 id, u32 v, int a) { emit(id, cr.face_rank(v, a)); }); },
                 out);
 }
 template <int D>
-void sort_faces(const Geom<D>&, const Ranks&, std::vector<u32>&) {}
+void sort_faces(const Geom<D>&, const Ranks&, std::vector<u64>&) {}
 
 // ---------------------------------------------------------------------------------------------
 // Dimension 0 of one image: bars (birth vertex, death voxel) and, optionally, the bar index of
 // each birth vertex (for the matching).
 
-// Dimension 0 of one image by union-find over its edges (increasing order). Optionally: the bar
-// of each birth vertex, the edges that do not merge (in decreasing order: the columns of the
-// dim-1 cohomology reduction) and the edges that do (in increasing order).
+// Dimension 0 of one image by union-find over its edges (keys, increasing). Optionally: the bar
+// of each birth vertex, the edges that do not merge (ids in decreasing order: the columns of the
+// dim-1 cohomology reduction), the edges that do (keys, increasing) and a bitset of the latter.
 inline void set_bit(std::vector<u64>& bits, u32 i) { bits[i >> 6] |= u64(1) << (i & 63); }
 inline bool get_bit(const u64* bits, u32 i) { return (bits[i >> 6] >> (i & 63)) & 1; }
 
 template <int D>
-void dim0_pairs(const Geom<D>& g, const Ranks& rk, const std::vector<u32>& edges, std::vector<Bar>& bars,
-                std::vector<u32>* bar_of_vertex, std::vector<u32>* positive, std::vector<u32>* merging,
+void dim0_pairs(const Geom<D>& g, const Ranks& rk, const std::vector<u64>& edges, std::vector<Bar>& bars,
+                std::vector<u32>* bar_of_vertex, std::vector<u32>* positive, std::vector<u64>* merging,
                 std::vector<u64>* merged_bits = nullptr) {
   const u32* R = rk.rank.data();
   CellRanks<D> cr{g, R};
-  std::vector<u32> parent(g.V);
-  std::iota(parent.begin(), parent.end(), 0u);
+  // a root is its component's elder vertex; rank = the vertex's rank
+  std::vector<Node> nodes(g.V);
+  Node* nd = nodes.data();
+  for (u32 v = 0; v < g.V; ++v) nd[v] = {v, R[v]};
   if (bar_of_vertex) bar_of_vertex->assign(g.V, kNone);
-  if (positive) positive->clear();
-  if (merging) merging->clear();
+  const size_t ne = edges.size();
+  // the lists are written without branches: every edge is stored, the count advances or not
+  if (positive) positive->resize(ne + 1);
+  if (merging) merging->resize(ne + 1);
   if (merged_bits) merged_bits->assign((static_cast<size_t>(g.V) * D + 63) / 64, 0);
-  for (u32 id : edges) {
+  u32* pos = positive ? positive->data() : nullptr;
+  u64* mer = merging ? merging->data() : nullptr;
+  u64* bits = merged_bits ? merged_bits->data() : nullptr;
+  size_t npos = 0, nmer = 0;
+  for (const u64 key : edges) {
+    const u32 id = key_id(key);
     const u32 v = id / D;
     const int a = static_cast<int>(id % D);
     const u32 w = static_cast<u32>(v + g.vs[a]);
-    const u32 rv = uf_find(parent.data(), v), rw = uf_find(parent.data(), w);
-    if (rv == rw) {
-      if (positive) positive->push_back(id);
-      continue;
+    const u32 rv = uf_find(nd, v), rw = uf_find(nd, w);
+    // Whether the edge merges is data-dependent (a third of the edges in 3D do not): no branch on
+    // it; with rv == rw the union below links a root to itself.
+    const bool merge = rv != rw;
+    if (pos) {
+      pos[npos] = id;
+      npos += !merge;
     }
-    if (merging) merging->push_back(id);
-    if (merged_bits) set_bit(*merged_bits, id);
-    const bool v_elder = R[rv] < R[rw] || (R[rv] == R[rw] && rv < rw);
+    if (mer) {
+      mer[nmer] = key;
+      nmer += merge;
+    }
+    if (bits) bits[id >> 6] |= u64(merge) << (id & 63);
+    const bool v_elder = make_key(nd[rv].rank, rv) < make_key(nd[rw].rank, rw);
     const u32 young = v_elder ? rw : rv, old = v_elder ? rv : rw;
-    parent[young] = old;
-    const u32 re = std::max(R[v], R[w]);
-    if (R[young] != re) {
+    nd[young].parent = old;
+    if (merge & (nd[young].rank != key_rank(key))) {
       if (bar_of_vertex) (*bar_of_vertex)[young] = static_cast<u32>(bars.size());
       bars.push_back({young, cr.edge_voxel(v, a)});
     }
   }
-  if (positive) std::reverse(positive->begin(), positive->end());
+  if (positive) {
+    positive->resize(npos);
+    std::reverse(positive->begin(), positive->end());
+  }
+  if (merging) merging->resize(nmer);
 }
 
-// Cofaces (top cells or the boundary node T) of a codimension-1 cell.
-template <int D>
-inline void cofaces(const Geom<D>& g, u32 id, u32& t1, u32& t2) {
-  const u32 v = id / D;
-  const int a = static_cast<int>(id % D);
-  int64_t c[3] = {0, 0, 0};
-  g.coords(v, c);
-  const int nb = D == 2 ? 1 - a : a;  // the axis the two cofaces differ in
-  const int64_t t = g.top_id(c);
-  t1 = c[nb] >= 1 ? static_cast<u32>(t - g.ts[nb]) : g.T;
-  t2 = c[nb] < g.m[nb] ? static_cast<u32>(t) : g.T;
-}
+// Dimension D-1 of one image by dual union-find over its codimension-1 cells (keys, increasing):
+// on return `cells` holds only those that did not merge dual components (increasing); those that
+// merged are set in cleared_bits if given (they never enter the dim-1 reduction). With c_top (the
+// comparison image's top-cell ranks) it also tracks each dual component's c-elder and records,
+// for every bar, the c-younger top cell at its birth: (c-younger top cell, bar), sorted.
+struct TopNode {
+  u32 parent, rank;  // rank: of the root's top cell (the root is the component's elder)
+  u32 crep, crank;   // with c_top: the component's c-elder and its c-rank
+};
 
-// Dimension D-1 of one image by dual union-find over its codimension-1 cells (given in increasing
-// order). Marks the cells that merge (cleared: they never enter the dim-1 reduction).
-// With c_top (the comparison image's top-cell ranks) it also tracks each dual component's c-elder
-// and records, for every bar, the c-younger top cell at its birth: (c-younger top cell, bar), sorted.
-template <int D>
-void top_pairs(const Geom<D>& g, const Ranks& rk, const std::vector<u32>& codim1, const std::vector<u32>& top,
-               std::vector<Bar>& bars, std::vector<uint8_t>* cleared, const std::vector<u32>* c_top,
-               std::vector<std::pair<u32, u32>>* img_of_top, std::vector<std::pair<u32, u32>>* death_tops,
-               std::vector<u64>* cleared_bits = nullptr) {
+template <int D, typename N>
+void top_pairs_impl(const Geom<D>& g, const Ranks& rk, std::vector<u64>& cells, const std::vector<u32>& top,
+                    std::vector<Bar>& bars, const std::vector<u32>* c_top, std::vector<std::pair<u32, u32>>* img_of_top,
+                    std::vector<std::pair<u32, u32>>* death_tops, std::vector<u64>* cleared_bits) {
+  constexpr bool kTrack = std::is_same<N, TopNode>::value;
   const u32* R = rk.rank.data();
   CellRanks<D> cr{g, R};
-  const u32 T = g.T;
-  std::vector<u32> parent(T + 1);
-  std::iota(parent.begin(), parent.end(), 0u);
-  std::vector<u32> rep_c;
-  if (c_top) {
-    rep_c.resize(T + 1);
-    std::iota(rep_c.begin(), rep_c.end(), 0u);
-    img_of_top->clear();
-  }
-  if (cleared) cleared->assign(codim1.size(), 0);
-  if (cleared_bits) cleared_bits->assign((static_cast<size_t>(g.V) * D + 63) / 64, 0);
-  struct SortAtEnd {
-    std::vector<std::pair<u32, u32>>* v;
-    ~SortAtEnd() {
-      if (v) std::sort(v->begin(), v->end());
-    }
-  } sort_at_end{img_of_top};
-  // a is the elder of two dual roots: the boundary, else the larger (rank, id)
-  auto elder = [T](const u32* rt, u32 a, u32 b) {
-    if (a == T) return true;
-    if (b == T) return false;
-    return rt[a] > rt[b] || (rt[a] == rt[b] && a > b);
-  };
+  const u32 B = g.boundary();
   const u32* rt = top.data();
   const u32* rc = c_top ? c_top->data() : nullptr;
-  for (size_t k = codim1.size(); k-- > 0;) {
-    const u32 id = codim1[k];
-    u32 t1, t2;
-    cofaces<D>(g, id, t1, t2);
-    const u32 r1 = uf_find(parent.data(), t1), r2 = uf_find(parent.data(), t2);
-    if (r1 == r2) continue;
-    if (cleared) (*cleared)[k] = 1;
-    if (cleared_bits) set_bit(*cleared_bits, id);
-    const bool first_elder = elder(rt, r1, r2);
-    const u32 young = first_elder ? r2 : r1, old = first_elder ? r1 : r2;
-    parent[young] = old;
-    u32 c_young = kNone;
-    if (rc) {
-      const u32 a = rep_c[r1], b = rep_c[r2];
-      const bool a_elder = elder(rc, a, b);
-      c_young = a_elder ? b : a;
-      rep_c[old] = a_elder ? a : b;
-    }
-    const u32 v = id / D;
-    const int ax = static_cast<int>(id % D);
-    const u32 rq = D == 2 ? cr.edge_rank(v, ax) : cr.face_rank(v, ax);
-    if (rt[young] != rq) {
-      const u32 bvox = D == 2 ? cr.edge_voxel(v, ax) : cr.face_voxel(v, ax);
-      if (rc) img_of_top->push_back({c_young, static_cast<u32>(bars.size())});
-      if (death_tops) death_tops->push_back({young, static_cast<u32>(bars.size())});
-      bars.push_back({bvox, top_voxel<D>(g, R, rt[young], young)});
+  std::vector<N> nodes(g.P);
+  N* nd = nodes.data();
+  for (u32 t = 0; t < g.P; ++t) {
+    nd[t].parent = rt[t] == ~0u ? B : t;  // empty slots belong to B
+    nd[t].rank = rt[t];
+    if constexpr (kTrack) {
+      nd[t].crep = t;
+      nd[t].crank = rc[t];
     }
   }
+  nd[B].parent = B;
+  if (img_of_top) img_of_top->clear();
+  if (cleared_bits) cleared_bits->assign((static_cast<size_t>(g.V) * D + 63) / 64, 0);
+  u64* bits = cleared_bits ? cleared_bits->data() : nullptr;
+  // The elder of two dual roots is the one with the larger (rank, id): B (rank ~0, the largest
+  // slot) is everyone's elder.
+  u64* cl = cells.data();
+  size_t keep = cells.size();  // cl[keep..) are the cells that did not merge, in increasing order
+  for (size_t k = cells.size(); k-- > 0;) {
+    const u64 key = cl[k];
+    const u32 id = key_id(key);
+    const u32 v = id / D;
+    const int ax = static_cast<int>(id % D);
+    const int nb = D == 2 ? 1 - ax : ax;  // the axis the two cofaces differ in
+    const u32 t2 = v + g.slab, t1 = t2 - static_cast<u32>(g.vs[nb]);
+    const u32 r1 = uf_find(nd, t1), r2 = uf_find(nd, t2);
+    // no branch on whether the cell merges (half of them do, unpredictably): with r1 == r2 every
+    // write below is a no-op
+    const bool merge = r1 != r2;
+    cl[keep - 1] = key;  // keep >= k + 1: in place
+    keep -= !merge;
+    if (bits) bits[id >> 6] |= u64(merge) << (id & 63);
+    const bool first_elder = make_key(nd[r1].rank, r1) > make_key(nd[r2].rank, r2);
+    const u32 young = first_elder ? r2 : r1, old = first_elder ? r1 : r2;
+    nd[young].parent = old;
+    u32 c_young = kNone;
+    if constexpr (kTrack) {
+      const u32 a = nd[r1].crep, b = nd[r2].crep, ca = nd[r1].crank, cb = nd[r2].crank;
+      const bool a_elder = make_key(ca, a) > make_key(cb, b);
+      c_young = a_elder ? b : a;
+      nd[old].crep = a_elder ? a : b;
+      nd[old].crank = a_elder ? ca : cb;
+    }
+    const u32 ry = nd[young].rank;
+    if (merge & (ry != key_rank(key))) {
+      const u32 bvox = D == 2 ? cr.edge_voxel(v, ax) : cr.face_voxel(v, ax);
+      if (kTrack) img_of_top->push_back({c_young, static_cast<u32>(bars.size())});
+      if (death_tops) death_tops->push_back({young, static_cast<u32>(bars.size())});
+      bars.push_back({bvox, top_voxel<D>(g, R, ry, young)});
+    }
+  }
+  cells.erase(cells.begin(), cells.begin() + static_cast<std::ptrdiff_t>(keep));
+  if (img_of_top) std::sort(img_of_top->begin(), img_of_top->end());
+}
+
+template <int D>
+void top_pairs(const Geom<D>& g, const Ranks& rk, std::vector<u64>& cells, const std::vector<u32>& top,
+               std::vector<Bar>& bars, const std::vector<u32>* c_top, std::vector<std::pair<u32, u32>>* img_of_top,
+               std::vector<std::pair<u32, u32>>* death_tops, std::vector<u64>* cleared_bits = nullptr) {
+  if (c_top) top_pairs_impl<D, TopNode>(g, rk, cells, top, bars, c_top, img_of_top, death_tops, cleared_bits);
+  else top_pairs_impl<D, Node>(g, rk, cells, top, bars, c_top, img_of_top, death_tops, cleared_bits);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -776,7 +808,7 @@ struct ImageState {
   std::vector<uint8_t> matched[D];  // per bar (f and g)
   std::vector<u32> bar_of_vertex;   // dim 0: birth vertex -> bar (f, g)
   std::vector<std::pair<u32, u32>> img_top;  // dim D-1: (c's top cell killed at a bar's birth, bar), sorted (f, g)
-  std::vector<u32> edges;           // c: the edges the dim-0 matching sweep visits
+  std::vector<u64> edges;           // c: keys of the edges the dim-0 matching sweep visits
   std::vector<std::pair<u32, u32>> death_tops;  // c: (dying top cell, bar) of each top-dim bar
   // 3D dimension 1
   std::vector<u32> pos_edges;       // edges that did not merge in dim 0, decreasing (cohomology columns)
@@ -827,17 +859,12 @@ struct Instance {
     ImageState<D>& s = img[which];
     const bool is_c = which == 2;
     const bool image = matching && !is_c;
-    std::vector<u32> edges;
+    std::vector<u64> edges;
     sort_edges<D>(geom, s.rk, edges);
     if (D == 2) {
       // dim 1 by dual union-find; the edges that merge dual components never merge in dim 0
-      std::vector<uint8_t> cleared;
-      top_pairs<D>(geom, s.rk, edges, s.top, s.bars[1], &cleared, image ? &img[2].top : nullptr,
-                   image ? &s.img_top : nullptr, is_c ? &s.death_tops : nullptr);
-      size_t k = 0;
-      for (size_t q = 0; q < edges.size(); ++q)
-        if (!cleared[q]) edges[k++] = edges[q];
-      edges.resize(k);
+      top_pairs<D>(geom, s.rk, edges, s.top, s.bars[1], image ? &img[2].top : nullptr, image ? &s.img_top : nullptr,
+                   is_c ? &s.death_tops : nullptr);
       if (is_c) {
         s.edges.swap(edges);  // c's dim-0 bars come out of the matching sweep
       } else {
@@ -847,18 +874,14 @@ struct Instance {
       std::vector<Bar> c_bars0;
       dim0_pairs<D>(geom, s.rk, edges, is_c ? c_bars0 : s.bars[0], image ? &s.bar_of_vertex : nullptr, &s.pos_edges,
                     is_c ? &s.edges : nullptr, &s.neg_edges);
-      std::vector<u32>().swap(edges);
-      std::vector<u32>& faces = s.hom_cols;
+      std::vector<u64>().swap(edges);
+      s.pos_edges.shrink_to_fit();  // kept through the dimension-1 reductions
+      std::vector<u64> faces;
       sort_faces(geom, s.rk, faces);
-      std::vector<uint8_t> cleared;
-      top_pairs<D>(geom, s.rk, faces, s.top, s.bars[2], &cleared, image ? &img[2].top : nullptr,
-                   image ? &s.img_top : nullptr, is_c ? &s.death_tops : nullptr, &s.pos_faces);
-      size_t k = 0;
-      for (size_t q = 0; q < faces.size(); ++q)
-        if (!cleared[q]) faces[k++] = faces[q];
-      faces.resize(k);
-      std::vector<uint8_t>().swap(cleared);
-      if (!is_c) std::vector<u32>().swap(s.top);
+      top_pairs<D>(geom, s.rk, faces, s.top, s.bars[2], image ? &img[2].top : nullptr, image ? &s.img_top : nullptr,
+                   is_c ? &s.death_tops : nullptr, &s.pos_faces);
+      s.hom_cols.resize(faces.size());
+      for (size_t q = 0; q < faces.size(); ++q) s.hom_cols[q] = key_id(faces[q]);
     }
     if (!is_c) std::vector<u32>().swap(s.top);
   }
@@ -1025,32 +1048,38 @@ struct Instance {
       std::vector<u64>().swap(C.pos_faces);
     }
     // dim 0: union-find over c's edges that also tracks each component's f-elder and g-elder
+    // (all kept at the root, with their ranks)
+    struct MatchNode {
+      u32 parent, rank, f, frank, g, grank;
+    };
     const u32 V = geom.V;
     const u32 *Rc = C.rk.rank.data(), *Rf = F.rk.rank.data(), *Rg = G.rk.rank.data();
     CellRanks<D> crc{geom, Rc};
-    std::vector<u32> parent(V), rep_f(V), rep_g(V);
-    std::iota(parent.begin(), parent.end(), 0u);
-    std::iota(rep_f.begin(), rep_f.end(), 0u);
-    std::iota(rep_g.begin(), rep_g.end(), 0u);
-    auto older = [](const u32* R, u32 a, u32 b) { return R[a] < R[b] || (R[a] == R[b] && a < b); };
-    for (u32 id : C.edges) {
+    std::vector<MatchNode> nodes(V);
+    MatchNode* nd = nodes.data();
+    for (u32 v = 0; v < V; ++v) nd[v] = {v, Rc[v], v, Rf[v], v, Rg[v]};
+    for (const u64 key : C.edges) {
+      const u32 id = key_id(key);
       const u32 v = id / D;
       const int a = static_cast<int>(id % D);
       const u32 w = static_cast<u32>(v + geom.vs[a]);
-      const u32 rv = uf_find(parent.data(), v), rw = uf_find(parent.data(), w);
-      if (rv == rw) continue;
-      const bool v_elder = older(Rc, rv, rw);
+      const u32 rv = uf_find(nd, v), rw = uf_find(nd, w);
+      if (rv == rw) continue;  // (never: these edges all merge)
+      const MatchNode x = nd[rv], y = nd[rw];
+      const bool v_elder = make_key(x.rank, rv) < make_key(y.rank, rw);
       const u32 young = v_elder ? rw : rv, old = v_elder ? rv : rw;
-      parent[young] = old;
-      const u32 fa = rep_f[rv], fb = rep_f[rw], ga = rep_g[rv], gb = rep_g[rw];
-      const bool fa_elder = older(Rf, fa, fb), ga_elder = older(Rg, ga, gb);
-      rep_f[old] = fa_elder ? fa : fb;
-      rep_g[old] = ga_elder ? ga : gb;
-      if (Rc[young] == std::max(Rc[v], Rc[w])) continue;  // zero persistence in c
-      const u32 pf = F.bar_of_vertex[fa_elder ? fb : fa], pg = G.bar_of_vertex[ga_elder ? gb : ga];
+      nd[young].parent = old;
+      const bool fa_elder = make_key(x.frank, x.f) < make_key(y.frank, y.f);
+      const bool ga_elder = make_key(x.grank, x.g) < make_key(y.grank, y.g);
+      nd[old].f = fa_elder ? x.f : y.f;
+      nd[old].frank = fa_elder ? x.frank : y.frank;
+      nd[old].g = ga_elder ? x.g : y.g;
+      nd[old].grank = ga_elder ? x.grank : y.grank;
+      if ((v_elder ? y.rank : x.rank) == key_rank(key)) continue;  // zero persistence in c
+      const u32 pf = F.bar_of_vertex[fa_elder ? y.f : x.f], pg = G.bar_of_vertex[ga_elder ? y.g : x.g];
       if (pf != kNone && pg != kNone) add_match(0, pf, pg, crc.edge_voxel(v, a));
     }
-    std::vector<u32>().swap(C.edges);
+    std::vector<u64>().swap(C.edges);
   }
 };
 
