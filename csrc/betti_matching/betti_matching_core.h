@@ -698,7 +698,9 @@ struct DimOneReducer {
           ++i;
           break;
         }
-        // add the reduced column whose pivot is work_col[0]
+        // add the reduced column whose pivot is work_col[0]; the next pivot is often work_col[1]:
+        // its slot is fetched while the column to add is
+        if (work_col.size() > 1) __builtin_prefetch(pivot.data() + side.row(work_col[1]));
         const u32 e = pivot[r];
         if (e & kStored) {
           const u64 at = e & ~kStored;
