@@ -330,6 +330,10 @@ inline u32 uf_find(N* nd, u32 x) {
   return r;
 }
 
+// The sweeps visit cells in filtration order, so the union-find nodes they start from are
+// scattered: those of the cell kAhead steps on are prefetched.
+constexpr size_t kAhead = 8;
+
 // A bar of one image in one dimension: critical vertices of its birth and death cells.
 struct Bar {
   u32 birth, death;
@@ -384,7 +388,14 @@ void dim0_pairs(const Geom<D>& g, const Ranks& rk, const std::vector<u64>& edges
   u64* mer = merging ? merging->data() : nullptr;
   u64* bits = merged_bits ? merged_bits->data() : nullptr;
   size_t npos = 0, nmer = 0;
-  for (const u64 key : edges) {
+  for (size_t k = 0; k < ne; ++k) {
+    if (k + kAhead < ne) {
+      const u32 ahead = key_id(edges[k + kAhead]);
+      const u32 av = ahead / D;
+      __builtin_prefetch(nd + av);
+      __builtin_prefetch(nd + av + g.vs[ahead % D]);
+    }
+    const u64 key = edges[k];
     const u32 id = key_id(key);
     const u32 v = id / D;
     const int a = static_cast<int>(id % D);
@@ -456,6 +467,13 @@ void top_pairs_impl(const Geom<D>& g, const Ranks& rk, std::vector<u64>& cells, 
   u64* cl = cells.data();
   size_t keep = cells.size();  // cl[keep..) are the cells that did not merge, in increasing order
   for (size_t k = cells.size(); k-- > 0;) {
+    if (k >= kAhead) {
+      const u32 ahead = key_id(cl[k - kAhead]);
+      const int anb = D == 2 ? 1 - static_cast<int>(ahead % D) : static_cast<int>(ahead % D);
+      const u32 at2 = ahead / D + g.slab;
+      __builtin_prefetch(nd + at2);
+      __builtin_prefetch(nd + at2 - g.vs[anb]);
+    }
     const u64 key = cl[k];
     const u32 id = key_id(key);
     const u32 v = id / D;
@@ -1064,7 +1082,15 @@ struct Instance {
     std::vector<MatchNode> nodes(V);
     MatchNode* nd = nodes.data();
     for (u32 v = 0; v < V; ++v) nd[v] = {v, Rc[v], v, Rf[v], v, Rg[v]};
-    for (const u64 key : C.edges) {
+    const size_t ne = C.edges.size();
+    for (size_t k = 0; k < ne; ++k) {
+      if (k + kAhead < ne) {
+        const u32 ahead = key_id(C.edges[k + kAhead]);
+        const u32 av = ahead / D;
+        __builtin_prefetch(nd + av);
+        __builtin_prefetch(nd + av + geom.vs[ahead % D]);
+      }
+      const u64 key = C.edges[k];
       const u32 id = key_id(key);
       const u32 v = id / D;
       const int a = static_cast<int>(id % D);
