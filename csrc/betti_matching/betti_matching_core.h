@@ -72,48 +72,73 @@ struct Ranks {
   u32 elder = 0;          // vertex with the smallest (value, index): the essential H0 class
 };
 
+// Dense ranks from the sorted (key, vertex) sequence.
+template <typename Get>
+void dense_ranks(u32 V, Get&& at, Ranks& out) {
+  out.rank.resize(V);
+  u32 r = 0;
+  for (u32 i = 0; i < V; ++i) {
+    const auto kv = at(i);
+    if (i > 0 && kv.first != at(i - 1).first) ++r;
+    out.rank[kv.second] = r;
+  }
+  out.nranks = V ? r + 1 : 0;
+  out.elder = V ? at(0).second : 0;
+}
+
 template <typename T>
 void compute_ranks(const T* values, u32 V, Ranks& out) {
   using K = decltype(order_key(T()));
   constexpr int kBits = 11, kBuckets = 1 << kBits;
   constexpr int kPasses = (8 * static_cast<int>(sizeof(K)) + kBits - 1) / kBits;
-  std::vector<K> keys(V), keys2(V);
-  std::vector<u32> idx(V), idx2(V);
   std::vector<u32> hist(static_cast<size_t>(kPasses) * kBuckets, 0);
-  for (u32 i = 0; i < V; ++i) {
-    const K k = order_key(values[i]);
-    keys[i] = k;
-    idx[i] = i;
-    for (int b = 0; b < kPasses; ++b) hist[b * kBuckets + ((k >> (kBits * b)) & (kBuckets - 1))]++;
-  }
-  for (int b = 0; b < kPasses; ++b) {
-    u32* h = hist.data() + static_cast<size_t>(b) * kBuckets;
-    bool trivial = false;
-    for (int d = 0; d < kBuckets; ++d)
-      if (h[d] == V) trivial = true;
-    if (trivial) continue;  // every key has the same digit: the pass would not move anything
-    u32 sum = 0;
-    for (int d = 0; d < kBuckets; ++d) {
-      const u32 c = h[d];
-      h[d] = sum;
-      sum += c;
+  // Sorts the items by their key bits from `shift` on, skipping the passes in which every key has
+  // the same digit. 32-bit keys travel with their vertex in one 64-bit item (one stream to
+  // scatter per pass), 64-bit keys beside a vertex array.
+  auto passes = [&](auto& items, auto& items2, auto idx, auto idx2, int shift) {
+    for (int b = 0; b < kPasses; ++b) {
+      u32* h = hist.data() + static_cast<size_t>(b) * kBuckets;
+      bool trivial = false;
+      for (int d = 0; d < kBuckets; ++d)
+        if (h[d] == V) trivial = true;
+      if (trivial) continue;
+      u32 sum = 0;
+      for (int d = 0; d < kBuckets; ++d) {
+        const u32 c = h[d];
+        h[d] = sum;
+        sum += c;
+      }
+      const int sh = shift + kBits * b;
+      for (u32 i = 0; i < V; ++i) {
+        const u32 pos = h[(items[i] >> sh) & (kBuckets - 1)]++;
+        items2[pos] = items[i];
+        if constexpr (sizeof(K) == 8) (*idx2)[pos] = (*idx)[i];
+      }
+      items.swap(items2);
+      if constexpr (sizeof(K) == 8) idx->swap(*idx2);
     }
+  };
+  if constexpr (sizeof(K) == 4) {
+    std::vector<u64> items(V), items2(V);
     for (u32 i = 0; i < V; ++i) {
-      const u32 pos = h[(keys[i] >> (kBits * b)) & (kBuckets - 1)]++;
-      keys2[pos] = keys[i];
-      idx2[pos] = idx[i];
+      const K k = order_key(values[i]);
+      items[i] = (u64(k) << 32) | i;
+      for (int b = 0; b < kPasses; ++b) hist[b * kBuckets + ((k >> (kBits * b)) & (kBuckets - 1))]++;
     }
-    keys.swap(keys2);
-    idx.swap(idx2);
+    passes(items, items2, nullptr, nullptr, 32);
+    dense_ranks(V, [&](u32 i) { return std::make_pair(static_cast<u32>(items[i] >> 32), static_cast<u32>(items[i])); }, out);
+  } else {
+    std::vector<K> keys(V), keys2(V);
+    std::vector<u32> idx(V), idx2(V);
+    for (u32 i = 0; i < V; ++i) {
+      const K k = order_key(values[i]);
+      keys[i] = k;
+      idx[i] = i;
+      for (int b = 0; b < kPasses; ++b) hist[b * kBuckets + ((k >> (kBits * b)) & (kBuckets - 1))]++;
+    }
+    passes(keys, keys2, &idx, &idx2, 0);
+    dense_ranks(V, [&](u32 i) { return std::make_pair(keys[i], idx[i]); }, out);
   }
-  out.rank.resize(V);
-  u32 r = 0;
-  for (u32 i = 0; i < V; ++i) {
-    if (i > 0 && keys[i] != keys[i - 1]) ++r;
-    out.rank[idx[i]] = r;
-  }
-  out.nranks = V ? r + 1 : 0;
-  out.elder = V ? idx[0] : 0;
 }
 
 // Exact n / d for 32-bit n by a multiply and a shift (Lemire, Kaser & Kurz 2019: with
@@ -373,8 +398,7 @@ void dim0_pairs(const Geom<D>& g, const Ranks& rk, const std::vector<u64>& edges
                 std::vector<u32>* bar_of_vertex, std::vector<u32>* positive, std::vector<u64>* merging,
                 std::vector<u64>* merged_bits = nullptr) {
   const u32* R = rk.rank.data();
-  CellRanks<D> cr{g, R};
-  // a root is its component's elder vertex; rank = the vertex's rank
+  // a root is its component's elder vertex; a node's rank is its vertex's (it never changes)
   std::vector<Node> nodes(g.V);
   Node* nd = nodes.data();
   for (u32 v = 0; v < g.V; ++v) nd[v] = {v, R[v]};
@@ -418,7 +442,9 @@ void dim0_pairs(const Geom<D>& g, const Ranks& rk, const std::vector<u64>& edges
     nd[young].parent = old;
     if (merge & (nd[young].rank != key_rank(key))) {
       if (bar_of_vertex) (*bar_of_vertex)[young] = static_cast<u32>(bars.size());
-      bars.push_back({young, cr.edge_voxel(v, a)});
+      // the edge's critical vertex (the upper one on a tie): a node's rank is its vertex's, and
+      // both nodes are in cache
+      bars.push_back({young, nd[w].rank >= nd[v].rank ? w : v});
     }
   }
   if (positive) {
@@ -1078,7 +1104,6 @@ struct Instance {
     };
     const u32 V = geom.V;
     const u32 *Rc = C.rk.rank.data(), *Rf = F.rk.rank.data(), *Rg = G.rk.rank.data();
-    CellRanks<D> crc{geom, Rc};
     std::vector<MatchNode> nodes(V);
     MatchNode* nd = nodes.data();
     for (u32 v = 0; v < V; ++v) nd[v] = {v, Rc[v], v, Rf[v], v, Rg[v]};
@@ -1109,7 +1134,7 @@ struct Instance {
       nd[old].grank = ga_elder ? x.grank : y.grank;
       if ((v_elder ? y.rank : x.rank) == key_rank(key)) continue;  // zero persistence in c
       const u32 pf = F.bar_of_vertex[fa_elder ? y.f : x.f], pg = G.bar_of_vertex[ga_elder ? y.g : x.g];
-      if (pf != kNone && pg != kNone) add_match(0, pf, pg, crc.edge_voxel(v, a));
+      if (pf != kNone && pg != kNone) add_match(0, pf, pg, nd[w].rank >= nd[v].rank ? w : v);
     }
     std::vector<u64>().swap(C.edges);
   }
