@@ -1026,14 +1026,21 @@ struct Instance {
     ImageState<D>& s = img[which];
     const ImageState<D>& C = img[2];
     s.img_edge.assign(C.face_bars.size(), kNone);
-    // c's death faces as a bitset: most pairs are no such face and skip the search
-    std::vector<u64> death((static_cast<size_t>(geom.V) * 3 + 63) / 64, 0);
-    for (auto& qb : C.face_bars) set_bit(death, qb.first);
-    for_each_pair(win, [&](u32 e, u32 q) {
-      if (!get_bit(death.data(), q)) return;
-      auto it = std::lower_bound(C.face_bars.begin(), C.face_bars.end(), std::make_pair(q, u32(0)));
-      if (it != C.face_bars.end() && it->first == q) s.img_edge[it - C.face_bars.begin()] = e;
-    });
+    if (win.side.cohomology) {  // the rows are faces: c's death faces are looked up directly
+      for (size_t k = 0; k < C.face_bars.size(); ++k) {
+        const u32 q = C.face_bars[k].first;
+        if (win.pivot[q]) s.img_edge[k] = win.column_cell(win.pivot[q]);
+      }
+    } else {
+      // c's death faces as a bitset: most pairs are no such face and skip the search
+      std::vector<u64> death((static_cast<size_t>(geom.V) * 3 + 63) / 64, 0);
+      for (auto& qb : C.face_bars) set_bit(death, qb.first);
+      for_each_pair(win, [&](u32 e, u32 q) {
+        if (!get_bit(death.data(), q)) return;
+        auto it = std::lower_bound(C.face_bars.begin(), C.face_bars.end(), std::make_pair(q, u32(0)));
+        if (it != C.face_bars.end() && it->first == q) s.img_edge[it - C.face_bars.begin()] = e;
+      });
+    }
     win.release();
     std::vector<u32>().swap(s.pos_edges);
     std::vector<u64>().swap(s.neg_edges);
