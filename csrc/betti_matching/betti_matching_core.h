@@ -632,9 +632,11 @@ struct DimOneReducer {
   std::vector<u32> pivot;
   std::vector<u64> taken;      // bitset over rows: is a pivot (small enough to stay in cache)
   std::vector<u64> pool;       // kept reduced columns: length n, column cell, then n keys (decreasing)
-  std::vector<u64> work_col, scratch;  // working column, sorted decreasing, pairs cancelled
+  // The working column: col[head, tail), sorted decreasing, pairs cancelled, with room in front.
+  std::vector<u64> col;
+  size_t head = 0, tail = 0;
   u32 i = 0;                   // next column
-  bool busy = false;           // column i is in work_col, partly reduced
+  bool busy = false;           // column i is the working column, partly reduced
   bool started = false;
 
   // Prepares a fresh reduction of the given columns and rows.
@@ -656,12 +658,34 @@ struct DimOneReducer {
     taken[r >> 6] |= u64(1) << (r & 63);
     pivot[r] = entry;
   }
-  // work_col <- work_col + x (over Z/2); both sorted decreasing. Branch-free merge: equal keys
-  // cancel (both advance, nothing is kept).
-  void add(const u64* x, size_t n) {
-    scratch.resize(work_col.size() + n);
-    const u64 *a = work_col.data(), *ae = a + work_col.size(), *b = x, *be = x + n;
-    u64* o = scratch.data();
+  static constexpr size_t kRoom = 64;
+  void set_column(const u64* k, int n) {
+    if (col.size() < 2 * kRoom) col.resize(2 * kRoom);
+    head = kRoom;
+    tail = head + static_cast<size_t>(n);
+    std::copy(k, k + n, col.begin() + static_cast<std::ptrdiff_t>(head));
+  }
+  // Working column <- working column + x (over Z/2), x sorted decreasing with the same pivot. The
+  // pivots cancel; x's other keys (2-3) are merged into the front of the column, down to where
+  // they end: the rest of it (often most: it can grow to thousands of keys) stays in place. The
+  // merged part is written from m = n - 1 places in front of it, so it ends right before the rest
+  // (moved up only by further cancellations). Returns the number of keys merged.
+  size_t add(const u64* x, size_t n) {
+    ++head;
+    const size_t m = n - 1;
+    if (head < m) {  // room in front: recentre in a buffer twice the column's length
+      const size_t len = tail - head, room = std::max(kRoom, len) + m;
+      std::vector<u64> bigger(2 * room + len);
+      std::copy(col.begin() + static_cast<std::ptrdiff_t>(head), col.begin() + static_cast<std::ptrdiff_t>(tail),
+                bigger.begin() + static_cast<std::ptrdiff_t>(room));
+      col.swap(bigger);
+      head = room;
+      tail = room + len;
+    }
+    u64* const from = col.data() + head - m;
+    u64* o = from;
+    const u64 *a = col.data() + head, *ae = col.data() + tail, *b = x + 1, *be = x + n;
+    // branch-free merge (o never passes a): equal keys cancel (both advance, nothing is kept)
     while (a != ae && b != be) {
       const u64 va = *a, vb = *b;
       *o = va > vb ? va : vb;
@@ -669,10 +693,11 @@ struct DimOneReducer {
       a += va >= vb;
       b += vb >= va;
     }
-    while (a != ae) *o++ = *a++;
     while (b != be) *o++ = *b++;
-    scratch.resize(o - scratch.data());
-    work_col.swap(scratch);
+    const size_t merged = static_cast<size_t>(o - from), gap = static_cast<size_t>(a - o);
+    if (gap) std::memmove(from + gap, from, merged * sizeof(u64));
+    head = head - m + gap;
+    return merged + 1;
   }
   // Sorts n <= 4 keys decreasing (a sorting network; missing entries are padded with 0, below
   // every key: homology columns always have 4 entries and cohomology keys are never 0).
@@ -692,9 +717,9 @@ struct DimOneReducer {
   u32 keep(u32 cell) {
     const size_t off = pool.size();
     if (off >= kStored) throw std::length_error("dimension-1 reduction: more than 2^31 kept entries");
-    pool.push_back(work_col.size());
+    pool.push_back(tail - head);
     pool.push_back(cell);
-    pool.insert(pool.end(), work_col.begin(), work_col.end());
+    pool.insert(pool.end(), col.begin() + static_cast<std::ptrdiff_t>(head), col.begin() + static_cast<std::ptrdiff_t>(tail));
     return kStored | static_cast<u32>(off);
   }
   // Reduces columns until about `budget` units of work are spent or column `stop` is reached;
@@ -726,39 +751,37 @@ struct DimOneReducer {
           continue;
         }
         sort_desc(k, n);
-        work_col.assign(k, k + n);
+        set_column(k, n);
         busy = true;
       }
       while (true) {
-        if (work_col.empty()) {  // zero column
+        if (head == tail) {  // zero column
           busy = false;
           ++i;
           break;
         }
-        const u32 r = side.row(work_col[0]);
+        const u32 r = side.row(col[head]);
         if (!is_taken(r)) {
           take(r, keep(cell));
           busy = false;
           ++i;
           break;
         }
-        // add the reduced column whose pivot is work_col[0]; the next pivot is often work_col[1]:
-        // its slot is fetched while the column to add is
-        if (work_col.size() > 1) __builtin_prefetch(pivot.data() + side.row(work_col[1]));
+        // add the reduced column whose pivot is the working column's; the next pivot is often the
+        // second key: its slot is fetched while the column to add is
+        if (tail - head > 1) __builtin_prefetch(pivot.data() + side.row(col[head + 1]));
         const u32 e = pivot[r];
         if (e & kStored) {
           const u64 at = e & ~kStored;
           const u64 len = pool[at];
-          add(pool.data() + at + 2, len);
-          work += len + work_col.size();
+          work += add(pool.data() + at + 2, len);
         } else {
           u64 kj[4];
           const int nj = side.entries(e - 1, kj);
           sort_desc(kj, nj);
-          add(kj, static_cast<size_t>(nj));
-          work += static_cast<u64>(nj) + work_col.size();
+          work += add(kj, static_cast<size_t>(nj));
         }
-        if (work >= budget) {  // suspend mid-column: work_col keeps the state
+        if (work >= budget) {  // suspend mid-column: the working column keeps the state
           suspended = true;
           break;
         }
@@ -771,8 +794,7 @@ struct DimOneReducer {
     std::vector<u32>().swap(pivot);
     std::vector<u64>().swap(taken);
     std::vector<u64>().swap(pool);
-    std::vector<u64>().swap(work_col);
-    std::vector<u64>().swap(scratch);
+    std::vector<u64>().swap(col);
   }
 };
 
