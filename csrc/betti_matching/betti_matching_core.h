@@ -36,6 +36,7 @@
 #include <cstdint>
 #include <cstring>
 #include <ctime>
+#include <memory>
 #include <numeric>
 #include <stdexcept>
 #include <type_traits>
@@ -340,6 +341,11 @@ inline u64 make_key(u32 rank, u32 id) { return (u64(rank) << 32) | id; }
 struct Node {
   u32 parent, rank;
 };
+// The sweeps' node arrays are filled right away: no zeroing pass first.
+template <typename N>
+std::unique_ptr<N[]> node_array(size_t n) {
+  return std::unique_ptr<N[]>(new N[n]);
+}
 
 // Root of x's tree. The trees stay shallow (a find takes 0-2 steps almost always), so the first
 // two steps are taken without a branch (a root is its own parent): a loop's exit would be
@@ -399,8 +405,8 @@ void dim0_pairs(const Geom<D>& g, const Ranks& rk, const std::vector<u64>& edges
                 std::vector<u64>* merged_bits = nullptr) {
   const u32* R = rk.rank.data();
   // a root is its component's elder vertex; a node's rank is its vertex's (it never changes)
-  std::vector<Node> nodes(g.V);
-  Node* nd = nodes.data();
+  const std::unique_ptr<Node[]> nodes = node_array<Node>(g.V);
+  Node* nd = nodes.get();
   for (u32 v = 0; v < g.V; ++v) nd[v] = {v, R[v]};
   if (bar_of_vertex) bar_of_vertex->assign(g.V, kNone);
   const size_t ne = edges.size();
@@ -474,8 +480,8 @@ void top_pairs_impl(const Geom<D>& g, const Ranks& rk, std::vector<u64>& cells, 
   const u32 B = g.boundary();
   const u32* rt = top.data();
   const u32* rc = c_top ? c_top->data() : nullptr;
-  std::vector<N> nodes(g.P);
-  N* nd = nodes.data();
+  const std::unique_ptr<N[]> nodes = node_array<N>(g.P);
+  N* nd = nodes.get();
   for (u32 t = 0; t < g.P; ++t) {
     nd[t].parent = rt[t] == ~0u ? B : t;  // empty slots belong to B
     nd[t].rank = rt[t];
@@ -1133,8 +1139,8 @@ struct Instance {
     };
     const u32 V = geom.V;
     const u32 *Rc = C.rk.rank.data(), *Rf = F.rk.rank.data(), *Rg = G.rk.rank.data();
-    std::vector<MatchNode> nodes(V);
-    MatchNode* nd = nodes.data();
+    const std::unique_ptr<MatchNode[]> nodes = node_array<MatchNode>(V);
+    MatchNode* nd = nodes.get();
     for (u32 v = 0; v < V; ++v) nd[v] = {v, Rc[v], v, Rf[v], v, Rg[v]};
     const size_t ne = C.edges.size();
     for (size_t k = 0; k < ne; ++k) {
