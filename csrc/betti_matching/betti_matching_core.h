@@ -672,10 +672,10 @@ struct DimOneReducer {
     std::copy(k, k + n, col.begin() + static_cast<std::ptrdiff_t>(head));
   }
   // Working column <- working column + x (over Z/2), x sorted decreasing with the same pivot. The
-  // pivots cancel; x's other keys (2-3) are merged into the front of the column, down to where
-  // they end: the rest of it (often most: it can grow to thousands of keys) stays in place. The
-  // merged part is written from m = n - 1 places in front of it, so it ends right before the rest
-  // (moved up only by further cancellations). Returns the number of keys merged.
+  // pivots cancel; x's other keys (mostly 2-3) are merged into the front of the column, down to
+  // where they end: the rest of it (often most: it can grow to thousands of keys) stays in place.
+  // The merged part is written from m = n - 1 places in front of it, so it ends right before the
+  // rest (moved up only by further cancellations). Returns the work done (keys merged, plus one).
   size_t add(const u64* x, size_t n) {
     ++head;
     const size_t m = n - 1;
