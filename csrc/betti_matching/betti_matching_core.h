@@ -95,7 +95,8 @@ void compute_ranks(const T* values, u32 V, Ranks& out) {
   std::vector<u32> hist(static_cast<size_t>(kPasses) * kBuckets, 0);
   // Sorts the items by their key bits from `shift` on, skipping the passes in which every key has
   // the same digit. 32-bit keys travel with their vertex in one 64-bit item (one stream to
-  // scatter per pass), 64-bit keys beside a vertex array.
+  // scatter per pass), 64-bit keys beside a vertex array. (The arrays are filled before they are
+  // read: not zeroed.)
   auto passes = [&](auto& items, auto& items2, auto idx, auto idx2, int shift) {
     for (int b = 0; b < kPasses; ++b) {
       u32* h = hist.data() + static_cast<size_t>(b) * kBuckets;
@@ -120,7 +121,7 @@ void compute_ranks(const T* values, u32 V, Ranks& out) {
     }
   };
   if constexpr (sizeof(K) == 4) {
-    std::vector<u64> items(V), items2(V);
+    std::unique_ptr<u64[]> items(new u64[V]), items2(new u64[V]);
     for (u32 i = 0; i < V; ++i) {
       const K k = order_key(values[i]);
       items[i] = (u64(k) << 32) | i;
@@ -129,8 +130,8 @@ void compute_ranks(const T* values, u32 V, Ranks& out) {
     passes(items, items2, nullptr, nullptr, 32);
     dense_ranks(V, [&](u32 i) { return std::make_pair(static_cast<u32>(items[i] >> 32), static_cast<u32>(items[i])); }, out);
   } else {
-    std::vector<K> keys(V), keys2(V);
-    std::vector<u32> idx(V), idx2(V);
+    std::unique_ptr<K[]> keys(new K[V]), keys2(new K[V]);
+    std::unique_ptr<u32[]> idx(new u32[V]), idx2(new u32[V]);
     for (u32 i = 0; i < V; ++i) {
       const K k = order_key(values[i]);
       keys[i] = k;
