@@ -31,11 +31,15 @@
 #pragma once
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <ctime>
+#include <memory>
 #include <numeric>
 #include <stdexcept>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -69,48 +73,74 @@ struct Ranks {
   u32 elder = 0;          // vertex with the smallest (value, index): the essential H0 class
 };
 
+// Dense ranks from the sorted (key, vertex) sequence.
+template <typename Get>
+void dense_ranks(u32 V, Get&& at, Ranks& out) {
+  out.rank.resize(V);
+  u32 r = 0;
+  for (u32 i = 0; i < V; ++i) {
+    const auto kv = at(i);
+    if (i > 0 && kv.first != at(i - 1).first) ++r;
+    out.rank[kv.second] = r;
+  }
+  out.nranks = V ? r + 1 : 0;
+  out.elder = V ? at(0).second : 0;
+}
+
 template <typename T>
 void compute_ranks(const T* values, u32 V, Ranks& out) {
   using K = decltype(order_key(T()));
   constexpr int kBits = 11, kBuckets = 1 << kBits;
   constexpr int kPasses = (8 * static_cast<int>(sizeof(K)) + kBits - 1) / kBits;
-  std::vector<K> keys(V), keys2(V);
-  std::vector<u32> idx(V), idx2(V);
   std::vector<u32> hist(static_cast<size_t>(kPasses) * kBuckets, 0);
-  for (u32 i = 0; i < V; ++i) {
-    const K k = order_key(values[i]);
-    keys[i] = k;
-    idx[i] = i;
-    for (int b = 0; b < kPasses; ++b) hist[b * kBuckets + ((k >> (kBits * b)) & (kBuckets - 1))]++;
-  }
-  for (int b = 0; b < kPasses; ++b) {
-    u32* h = hist.data() + static_cast<size_t>(b) * kBuckets;
-    bool trivial = false;
-    for (int d = 0; d < kBuckets; ++d)
-      if (h[d] == V) trivial = true;
-    if (trivial) continue;  // every key has the same digit: the pass would not move anything
-    u32 sum = 0;
-    for (int d = 0; d < kBuckets; ++d) {
-      const u32 c = h[d];
-      h[d] = sum;
-      sum += c;
+  // Sorts the items by their key bits from `shift` on, skipping the passes in which every key has
+  // the same digit. 32-bit keys travel with their vertex in one 64-bit item (one stream to
+  // scatter per pass), 64-bit keys beside a vertex array. (The arrays are filled before they are
+  // read: not zeroed.)
+  auto passes = [&](auto& items, auto& items2, auto idx, auto idx2, int shift) {
+    for (int b = 0; b < kPasses; ++b) {
+      u32* h = hist.data() + static_cast<size_t>(b) * kBuckets;
+      bool trivial = false;
+      for (int d = 0; d < kBuckets; ++d)
+        if (h[d] == V) trivial = true;
+      if (trivial) continue;
+      u32 sum = 0;
+      for (int d = 0; d < kBuckets; ++d) {
+        const u32 c = h[d];
+        h[d] = sum;
+        sum += c;
+      }
+      const int sh = shift + kBits * b;
+      for (u32 i = 0; i < V; ++i) {
+        const u32 pos = h[(items[i] >> sh) & (kBuckets - 1)]++;
+        items2[pos] = items[i];
+        if constexpr (sizeof(K) == 8) (*idx2)[pos] = (*idx)[i];
+      }
+      items.swap(items2);
+      if constexpr (sizeof(K) == 8) idx->swap(*idx2);
     }
+  };
+  if constexpr (sizeof(K) == 4) {
+    std::unique_ptr<u64[]> items(new u64[V]), items2(new u64[V]);
     for (u32 i = 0; i < V; ++i) {
-      const u32 pos = h[(keys[i] >> (kBits * b)) & (kBuckets - 1)]++;
-      keys2[pos] = keys[i];
-      idx2[pos] = idx[i];
+      const K k = order_key(values[i]);
+      items[i] = (u64(k) << 32) | i;
+      for (int b = 0; b < kPasses; ++b) hist[b * kBuckets + ((k >> (kBits * b)) & (kBuckets - 1))]++;
     }
-    keys.swap(keys2);
-    idx.swap(idx2);
+    passes(items, items2, nullptr, nullptr, 32);
+    dense_ranks(V, [&](u32 i) { return std::make_pair(static_cast<u32>(items[i] >> 32), static_cast<u32>(items[i])); }, out);
+  } else {
+    std::unique_ptr<K[]> keys(new K[V]), keys2(new K[V]);
+    std::unique_ptr<u32[]> idx(new u32[V]), idx2(new u32[V]);
+    for (u32 i = 0; i < V; ++i) {
+      const K k = order_key(values[i]);
+      keys[i] = k;
+      idx[i] = i;
+      for (int b = 0; b < kPasses; ++b) hist[b * kBuckets + ((k >> (kBits * b)) & (kBuckets - 1))]++;
+    }
+    passes(keys, keys2, &idx, &idx2, 0);
+    dense_ranks(V, [&](u32 i) { return std::make_pair(keys[i], idx[i]); }, out);
   }
-  out.rank.resize(V);
-  u32 r = 0;
-  for (u32 i = 0; i < V; ++i) {
-    if (i > 0 && keys[i] != keys[i - 1]) ++r;
-    out.rank[idx[i]] = r;
-  }
-  out.nranks = V ? r + 1 : 0;
-  out.elder = V ? idx[0] : 0;
 }
 
 // Exact n / d for 32-bit n by a multiply and a shift (Lemire, Kaser & Kurz 2019: with
@@ -128,13 +158,18 @@ struct FastDiv {
 
 // ---------------------------------------------------------------------------------------------
 // Geometry of a D-dimensional grid (D = 2 or 3). Vertex ids are C-order linear indices; edge ids
-// are v*D + axis; 3D face ids are v*3 + normal axis; top cells (squares / cubes) are numbered in
-// C order over the (n_i - 1) grid, and the boundary node of the dual graph is T.
+// are v*D + axis; 3D face ids are v*3 + normal axis.
+// Top cells (squares / cubes) are numbered by their lower corner's vertex id plus one slab
+// (vs[0]): the two cofaces of a codimension-1 cell (v, axis) are then v + slab and v + slab minus
+// a stride, with no division and no bounds test. The slots that hold no top cell (a corner on a
+// last row / column / slab, or in the extra front slab) belong to the boundary node B = P - 1 of
+// the dual graph from the start. The numbering keeps the C order of the cells (ties of ranks).
 
 template <int D>
 struct Geom {
-  int64_t n[3] = {1, 1, 1}, m[3] = {0, 0, 0}, vs[3] = {0, 0, 0}, ts[3] = {0, 0, 0};
-  u32 V = 0, T = 0;
+  int64_t n[3] = {1, 1, 1}, m[3] = {0, 0, 0}, vs[3] = {0, 0, 0};
+  u32 V = 0;
+  u32 slab = 0, P = 0;         // top cell of lower corner v: v + slab; P slots, the last is B
   FastDiv div_row, div_plane;  // by n[D-1] and (3D) by n[1] * n[2]
 
   explicit Geom(const int64_t* sizes) {
@@ -142,18 +177,18 @@ struct Geom {
       n[i] = sizes[i];
       m[i] = sizes[i] - 1;
     }
-    int64_t s = 1, t = 1;
+    int64_t s = 1;
     for (int i = D - 1; i >= 0; --i) {
       vs[i] = s;
-      ts[i] = t;
       s *= n[i];
-      t *= m[i];
     }
     V = static_cast<u32>(s);
-    T = static_cast<u32>(t);
+    slab = static_cast<u32>(vs[0]);
+    P = V + slab + 1;
     div_row = FastDiv(static_cast<u32>(n[D - 1]));
     if (D == 3) div_plane = FastDiv(static_cast<u32>(n[1] * n[2]));
   }
+  u32 boundary() const { return P - 1; }
   // 32-bit divisions (much cheaper than 64-bit ones on the hot paths)
   void coords(u32 v, int64_t* c) const {
     if (D == 2) {
@@ -168,11 +203,6 @@ struct Geom {
       c[1] = y;
       c[2] = r - y * static_cast<u32>(n[2]);
     }
-  }
-  int64_t top_id(const int64_t* c) const {
-    int64_t t = 0;
-    for (int i = 0; i < D; ++i) t += c[i] * ts[i];
-    return t;
   }
   // Calls f(edge id, lower vertex, axis) for every edge in increasing id order.
   template <typename F>
@@ -245,53 +275,45 @@ struct CellRanks {
   }
 };
 
-// Rank of every top cell: max over its 2^D vertices.
+// Rank of every top cell (max over its 2^D vertices) in the padded numbering; the other slots and
+// B get ~0 (above every rank: B is the elder of every dual component).
 template <int D>
 void top_ranks(const Geom<D>& g, const u32* R, std::vector<u32>& out) {
-  out.resize(g.T);
-  u32 t = 0;
+  out.assign(g.P, ~0u);
+  u32* o = out.data() + g.slab;
   if (D == 2) {
     const u32 s0 = static_cast<u32>(g.vs[0]);
-    for (int64_t x = 0; x < g.m[0]; ++x)
-      for (int64_t y = 0; y < g.m[1]; ++y, ++t) {
-        const u32 v = static_cast<u32>(x * g.vs[0] + y);
-        out[t] = std::max(std::max(R[v], R[v + 1]), std::max(R[v + s0], R[v + s0 + 1]));
-      }
+    for (int64_t x = 0; x < g.m[0]; ++x) {
+      const u32 row = static_cast<u32>(x * g.vs[0]);
+      for (u32 v = row; v < row + static_cast<u32>(g.m[1]); ++v)
+        o[v] = std::max(std::max(R[v], R[v + 1]), std::max(R[v + s0], R[v + s0 + 1]));
+    }
   } else {
     const u32 s0 = static_cast<u32>(g.vs[0]), s1 = static_cast<u32>(g.vs[1]);
     for (int64_t x = 0; x < g.m[0]; ++x)
-      for (int64_t y = 0; y < g.m[1]; ++y)
-        for (int64_t z = 0; z < g.m[2]; ++z, ++t) {
-          const u32 v = static_cast<u32>(x * g.vs[0] + y * g.vs[1] + z);
-          u32 r = std::max(std::max(R[v], R[v + 1]), std::max(R[v + s1], R[v + s1 + 1]));
-          r = std::max(r, std::max(std::max(R[v + s0], R[v + s0 + 1]), std::max(R[v + s0 + s1], R[v + s0 + s1 + 1])));
-          out[t] = r;
+      for (int64_t y = 0; y < g.m[1]; ++y) {
+        const u32 row = static_cast<u32>(x * g.vs[0] + y * g.vs[1]);
+        for (u32 v = row; v < row + static_cast<u32>(g.m[2]); ++v) {
+          const u32 r = std::max(std::max(R[v], R[v + 1]), std::max(R[v + s1], R[v + s1 + 1]));
+          o[v] = std::max(r, std::max(std::max(R[v + s0], R[v + s0 + 1]), std::max(R[v + s0 + s1], R[v + s0 + s1 + 1])));
         }
+      }
   }
 }
 
-// Critical vertex of a top cell: 2D squares take the largest linear index on a tie, 3D cubes the
-// smallest (the reference's convention).
+// Critical vertex of top cell t (padded number): 2D squares take the largest linear index on a
+// tie, 3D cubes the smallest (the reference's convention).
 template <int D>
 u32 top_voxel(const Geom<D>& g, const u32* R, u32 rank, u32 t) {
-  int64_t c[3] = {0, 0, 0};
+  const u32 v = t - g.slab;
+  const u32 s0 = static_cast<u32>(g.vs[0]);
   if (D == 2) {
-    c[0] = t / g.m[1];
-    c[1] = t % g.m[1];
-    const u32 v = static_cast<u32>(c[0] * g.vs[0] + c[1]);
-    const u32 s0 = static_cast<u32>(g.vs[0]);
     const u32 cand[4] = {v + s0 + 1, v + s0, v + 1, v};
     for (u32 w : cand)
       if (R[w] == rank) return w;
     return v;
   } else {
-    const u32 myz = static_cast<u32>(g.m[1] * g.m[2]);
-    c[0] = t / myz;
-    const u32 r = t % myz;
-    c[1] = r / g.m[2];
-    c[2] = r % g.m[2];
-    const u32 v = static_cast<u32>(c[0] * g.vs[0] + c[1] * g.vs[1] + c[2]);
-    const u32 s0 = static_cast<u32>(g.vs[0]), s1 = static_cast<u32>(g.vs[1]);
+    const u32 s1 = static_cast<u32>(g.vs[1]);
     const u32 cand[8] = {v, v + 1, v + s1, v + s1 + 1, v + s0, v + s0 + 1, v + s0 + s1, v + s0 + s1 + 1};
     for (u32 w : cand)
       if (R[w] == rank) return w;
@@ -300,23 +322,49 @@ u32 top_voxel(const Geom<D>& g, const u32* R, u32 rank, u32 t) {
 }
 
 // Stable counting sort of cells by rank: gen(emit) must call emit(id, rank) for every cell in
-// increasing id order (it is called twice).
+// increasing id order (it is called twice). out: the cells' keys (rank << 32 | id), increasing:
+// the sweeps read each cell's rank with its id instead of recomputing it from vertex ranks.
 template <typename Gen>
-void counting_sort(u32 nranks, Gen&& gen, std::vector<u32>& out) {
+void counting_sort(u32 nranks, Gen&& gen, std::vector<u64>& out) {
   std::vector<u32> count(static_cast<size_t>(nranks) + 1, 0);
   gen([&](u32, u32 r) { count[r + 1]++; });
   for (u32 r = 0; r < nranks; ++r) count[r + 1] += count[r];
   out.resize(count[nranks]);
-  gen([&](u32 id, u32 r) { out[count[r]++] = id; });
+  gen([&](u32 id, u32 r) { out[count[r]++] = (u64(r) << 32) | id; });
+}
+inline u32 key_id(u64 key) { return static_cast<u32>(key); }
+inline u32 key_rank(u64 key) { return static_cast<u32>(key >> 32); }
+inline u64 make_key(u32 rank, u32 id) { return (u64(rank) << 32) | id; }
+
+// Union-find nodes carry, next to the parent, what the sweeps compare at a root (the rank of the
+// root's cell, elders of the other images): a root's data comes in the cache line of its parent
+// link, and the sweeps are bound by such random accesses.
+struct Node {
+  u32 parent, rank;
+};
+// The sweeps' node arrays are filled right away: no zeroing pass first.
+template <typename N>
+std::unique_ptr<N[]> node_array(size_t n) {
+  return std::unique_ptr<N[]>(new N[n]);
 }
 
-inline u32 uf_find(u32* parent, u32 x) {
-  while (parent[x] != x) {
-    parent[x] = parent[parent[x]];
-    x = parent[x];
+// Root of x's tree. The trees stay shallow (a find takes 0-2 steps almost always), so the first
+// two steps are taken without a branch (a root is its own parent): a loop's exit would be
+// mispredicted on every other call. Deeper paths are halved; x is then linked to its root.
+template <typename N>
+inline u32 uf_find(N* nd, u32 x) {
+  u32 r = nd[nd[x].parent].parent;
+  while (nd[r].parent != r) {
+    nd[r].parent = nd[nd[r].parent].parent;
+    r = nd[r].parent;
   }
-  return x;
+  nd[x].parent = r;
+  return r;
 }
+
+// The sweeps visit cells in filtration order, so the union-find nodes they start from are
+// scattered: those of the cell kAhead steps on are prefetched.
+constexpr size_t kAhead = 8;
 
 // A bar of one image in one dimension: critical vertices of its birth and death cells.
 struct Bar {
@@ -327,143 +375,180 @@ struct Bar {
 // Sorted cells of one image.
 
 template <int D>
-void sort_edges(const Geom<D>& g, const Ranks& rk, std::vector<u32>& out) {
+void sort_edges(const Geom<D>& g, const Ranks& rk, std::vector<u64>& out) {
   CellRanks<D> cr{g, rk.rank.data()};
   counting_sort(rk.nranks, [&](auto&& emit) { g.for_each_edge([&](u32 id, u32 v, int a) { emit(id, cr.edge_rank(v, a)); }); },
                 out);
 }
 
 // 3D faces in increasing (rank, id) order.
-inline void sort_faces(const Geom<3>& g, const Ranks& rk, std::vector<u32>& out) {
+inline void sort_faces(const Geom<3>& g, const Ranks& rk, std::vector<u64>& out) {
   CellRanks<3> cr{g, rk.rank.data()};
   counting_sort(rk.nranks, [&](auto&& emit) { g.for_each_face([&](u32 id, u32 v, int a) { emit(id, cr.face_rank(v, a)); }); },
                 out);
 }
 template <int D>
-void sort_faces(const Geom<D>&, const Ranks&, std::vector<u32>&) {}
+void sort_faces(const Geom<D>&, const Ranks&, std::vector<u64>&) {}
 
 // ---------------------------------------------------------------------------------------------
 // Dimension 0 of one image: bars (birth vertex, death voxel) and, optionally, the bar index of
 // each birth vertex (for the matching).
 
-// Dimension 0 of one image by union-find over its edges (increasing order). Optionally: the bar
-// of each birth vertex, the edges that do not merge (in decreasing order: the columns of the
-// dim-1 cohomology reduction) and the edges that do (in increasing order).
+// Dimension 0 of one image by union-find over its edges (keys, increasing). Optionally: the bar
+// of each birth vertex, the edges that do not merge (ids in decreasing order: the columns of the
+// dim-1 cohomology reduction), the edges that do (keys, increasing) and a bitset of the latter.
 inline void set_bit(std::vector<u64>& bits, u32 i) { bits[i >> 6] |= u64(1) << (i & 63); }
 inline bool get_bit(const u64* bits, u32 i) { return (bits[i >> 6] >> (i & 63)) & 1; }
 
 template <int D>
-void dim0_pairs(const Geom<D>& g, const Ranks& rk, const std::vector<u32>& edges, std::vector<Bar>& bars,
-                std::vector<u32>* bar_of_vertex, std::vector<u32>* positive, std::vector<u32>* merging,
+void dim0_pairs(const Geom<D>& g, const Ranks& rk, const std::vector<u64>& edges, std::vector<Bar>& bars,
+                std::vector<u32>* bar_of_vertex, std::vector<u32>* positive, std::vector<u64>* merging,
                 std::vector<u64>* merged_bits = nullptr) {
   const u32* R = rk.rank.data();
-  CellRanks<D> cr{g, R};
-  std::vector<u32> parent(g.V);
-  std::iota(parent.begin(), parent.end(), 0u);
+  // a root is its component's elder vertex; a node's rank is its vertex's (it never changes)
+  const std::unique_ptr<Node[]> nodes = node_array<Node>(g.V);
+  Node* nd = nodes.get();
+  for (u32 v = 0; v < g.V; ++v) nd[v] = {v, R[v]};
   if (bar_of_vertex) bar_of_vertex->assign(g.V, kNone);
-  if (positive) positive->clear();
-  if (merging) merging->clear();
+  const size_t ne = edges.size();
+  // the lists are written without branches: every edge is stored, the count advances or not
+  if (positive) positive->resize(ne + 1);
+  if (merging) merging->resize(ne + 1);
   if (merged_bits) merged_bits->assign((static_cast<size_t>(g.V) * D + 63) / 64, 0);
-  for (u32 id : edges) {
+  u32* pos = positive ? positive->data() : nullptr;
+  u64* mer = merging ? merging->data() : nullptr;
+  u64* bits = merged_bits ? merged_bits->data() : nullptr;
+  size_t npos = 0, nmer = 0;
+  for (size_t k = 0; k < ne; ++k) {
+    if (k + kAhead < ne) {
+      const u32 ahead = key_id(edges[k + kAhead]);
+      const u32 av = ahead / D;
+      __builtin_prefetch(nd + av);
+      __builtin_prefetch(nd + av + g.vs[ahead % D]);
+    }
+    const u64 key = edges[k];
+    const u32 id = key_id(key);
     const u32 v = id / D;
     const int a = static_cast<int>(id % D);
     const u32 w = static_cast<u32>(v + g.vs[a]);
-    const u32 rv = uf_find(parent.data(), v), rw = uf_find(parent.data(), w);
-    if (rv == rw) {
-      if (positive) positive->push_back(id);
-      continue;
+    const u32 rv = uf_find(nd, v), rw = uf_find(nd, w);
+    // Whether the edge merges is data-dependent (a third of the edges in 3D do not): no branch on
+    // it; with rv == rw the union below links a root to itself.
+    const bool merge = rv != rw;
+    if (pos) {
+      pos[npos] = id;
+      npos += !merge;
     }
-    if (merging) merging->push_back(id);
-    if (merged_bits) set_bit(*merged_bits, id);
-    const bool v_elder = R[rv] < R[rw] || (R[rv] == R[rw] && rv < rw);
+    if (mer) {
+      mer[nmer] = key;
+      nmer += merge;
+    }
+    if (bits) bits[id >> 6] |= u64(merge) << (id & 63);
+    const bool v_elder = make_key(nd[rv].rank, rv) < make_key(nd[rw].rank, rw);
     const u32 young = v_elder ? rw : rv, old = v_elder ? rv : rw;
-    parent[young] = old;
-    const u32 re = std::max(R[v], R[w]);
-    if (R[young] != re) {
+    nd[young].parent = old;
+    if (merge & (nd[young].rank != key_rank(key))) {
       if (bar_of_vertex) (*bar_of_vertex)[young] = static_cast<u32>(bars.size());
-      bars.push_back({young, cr.edge_voxel(v, a)});
+      // the edge's critical vertex (the upper one on a tie): a node's rank is its vertex's, and
+      // both nodes are in cache
+      bars.push_back({young, nd[w].rank >= nd[v].rank ? w : v});
     }
   }
-  if (positive) std::reverse(positive->begin(), positive->end());
+  if (positive) {
+    positive->resize(npos);
+    std::reverse(positive->begin(), positive->end());
+  }
+  if (merging) merging->resize(nmer);
 }
 
-// Cofaces (top cells or the boundary node T) of a codimension-1 cell.
-template <int D>
-inline void cofaces(const Geom<D>& g, u32 id, u32& t1, u32& t2) {
-  const u32 v = id / D;
-  const int a = static_cast<int>(id % D);
-  int64_t c[3] = {0, 0, 0};
-  g.coords(v, c);
-  const int nb = D == 2 ? 1 - a : a;  // the axis the two cofaces differ in
-  const int64_t t = g.top_id(c);
-  t1 = c[nb] >= 1 ? static_cast<u32>(t - g.ts[nb]) : g.T;
-  t2 = c[nb] < g.m[nb] ? static_cast<u32>(t) : g.T;
-}
+// Dimension D-1 of one image by dual union-find over its codimension-1 cells (keys, increasing):
+// on return `cells` holds only those that did not merge dual components (increasing); those that
+// merged are set in cleared_bits if given (they never enter the dim-1 reduction). With c_top (the
+// comparison image's top-cell ranks) it also tracks each dual component's c-elder and records,
+// for every bar, the c-younger top cell at its birth: (c-younger top cell, bar), sorted.
+struct TopNode {
+  u32 parent, rank;  // rank: of the root's top cell (the root is the component's elder)
+  u32 crep, crank;   // with c_top: the component's c-elder and its c-rank
+};
 
-// Dimension D-1 of one image by dual union-find over its codimension-1 cells (given in increasing
-// order). Marks the cells that merge (cleared: they never enter the dim-1 reduction).
-// With c_top (the comparison image's top-cell ranks) it also tracks each dual component's c-elder
-// and records, for every bar, the c-younger top cell at its birth: (c-younger top cell, bar), sorted.
-template <int D>
-void top_pairs(const Geom<D>& g, const Ranks& rk, const std::vector<u32>& codim1, const std::vector<u32>& top,
-               std::vector<Bar>& bars, std::vector<uint8_t>* cleared, const std::vector<u32>* c_top,
-               std::vector<std::pair<u32, u32>>* img_of_top, std::vector<std::pair<u32, u32>>* death_tops,
-               std::vector<u64>* cleared_bits = nullptr) {
+template <int D, typename N>
+void top_pairs_impl(const Geom<D>& g, const Ranks& rk, std::vector<u64>& cells, const std::vector<u32>& top,
+                    std::vector<Bar>& bars, const std::vector<u32>* c_top, std::vector<std::pair<u32, u32>>* img_of_top,
+                    std::vector<std::pair<u32, u32>>* death_tops, std::vector<u64>* cleared_bits) {
+  constexpr bool kTrack = std::is_same<N, TopNode>::value;
   const u32* R = rk.rank.data();
   CellRanks<D> cr{g, R};
-  const u32 T = g.T;
-  std::vector<u32> parent(T + 1);
-  std::iota(parent.begin(), parent.end(), 0u);
-  std::vector<u32> rep_c;
-  if (c_top) {
-    rep_c.resize(T + 1);
-    std::iota(rep_c.begin(), rep_c.end(), 0u);
-    img_of_top->clear();
-  }
-  if (cleared) cleared->assign(codim1.size(), 0);
-  if (cleared_bits) cleared_bits->assign((static_cast<size_t>(g.V) * D + 63) / 64, 0);
-  struct SortAtEnd {
-    std::vector<std::pair<u32, u32>>* v;
-    ~SortAtEnd() {
-      if (v) std::sort(v->begin(), v->end());
-    }
-  } sort_at_end{img_of_top};
-  // a is the elder of two dual roots: the boundary, else the larger (rank, id)
-  auto elder = [T](const u32* rt, u32 a, u32 b) {
-    if (a == T) return true;
-    if (b == T) return false;
-    return rt[a] > rt[b] || (rt[a] == rt[b] && a > b);
-  };
+  const u32 B = g.boundary();
   const u32* rt = top.data();
   const u32* rc = c_top ? c_top->data() : nullptr;
-  for (size_t k = codim1.size(); k-- > 0;) {
-    const u32 id = codim1[k];
-    u32 t1, t2;
-    cofaces<D>(g, id, t1, t2);
-    const u32 r1 = uf_find(parent.data(), t1), r2 = uf_find(parent.data(), t2);
-    if (r1 == r2) continue;
-    if (cleared) (*cleared)[k] = 1;
-    if (cleared_bits) set_bit(*cleared_bits, id);
-    const bool first_elder = elder(rt, r1, r2);
-    const u32 young = first_elder ? r2 : r1, old = first_elder ? r1 : r2;
-    parent[young] = old;
-    u32 c_young = kNone;
-    if (rc) {
-      const u32 a = rep_c[r1], b = rep_c[r2];
-      const bool a_elder = elder(rc, a, b);
-      c_young = a_elder ? b : a;
-      rep_c[old] = a_elder ? a : b;
-    }
-    const u32 v = id / D;
-    const int ax = static_cast<int>(id % D);
-    const u32 rq = D == 2 ? cr.edge_rank(v, ax) : cr.face_rank(v, ax);
-    if (rt[young] != rq) {
-      const u32 bvox = D == 2 ? cr.edge_voxel(v, ax) : cr.face_voxel(v, ax);
-      if (rc) img_of_top->push_back({c_young, static_cast<u32>(bars.size())});
-      if (death_tops) death_tops->push_back({young, static_cast<u32>(bars.size())});
-      bars.push_back({bvox, top_voxel<D>(g, R, rt[young], young)});
+  const std::unique_ptr<N[]> nodes = node_array<N>(g.P);
+  N* nd = nodes.get();
+  for (u32 t = 0; t < g.P; ++t) {
+    nd[t].parent = rt[t] == ~0u ? B : t;  // empty slots belong to B
+    nd[t].rank = rt[t];
+    if constexpr (kTrack) {
+      nd[t].crep = t;
+      nd[t].crank = rc[t];
     }
   }
+  nd[B].parent = B;
+  if (img_of_top) img_of_top->clear();
+  if (cleared_bits) cleared_bits->assign((static_cast<size_t>(g.V) * D + 63) / 64, 0);
+  u64* bits = cleared_bits ? cleared_bits->data() : nullptr;
+  // The elder of two dual roots is the one with the larger (rank, id): B (rank ~0, the largest
+  // slot) is everyone's elder.
+  u64* cl = cells.data();
+  size_t keep = cells.size();  // cl[keep..) are the cells that did not merge, in increasing order
+  for (size_t k = cells.size(); k-- > 0;) {
+    if (k >= kAhead) {
+      const u32 ahead = key_id(cl[k - kAhead]);
+      const int anb = D == 2 ? 1 - static_cast<int>(ahead % D) : static_cast<int>(ahead % D);
+      const u32 at2 = ahead / D + g.slab;
+      __builtin_prefetch(nd + at2);
+      __builtin_prefetch(nd + at2 - g.vs[anb]);
+    }
+    const u64 key = cl[k];
+    const u32 id = key_id(key);
+    const u32 v = id / D;
+    const int ax = static_cast<int>(id % D);
+    const int nb = D == 2 ? 1 - ax : ax;  // the axis the two cofaces differ in
+    const u32 t2 = v + g.slab, t1 = t2 - static_cast<u32>(g.vs[nb]);
+    const u32 r1 = uf_find(nd, t1), r2 = uf_find(nd, t2);
+    // no branch on whether the cell merges (half of them do, unpredictably): with r1 == r2 every
+    // write below is a no-op
+    const bool merge = r1 != r2;
+    cl[keep - 1] = key;  // keep >= k + 1: in place
+    keep -= !merge;
+    if (bits) bits[id >> 6] |= u64(merge) << (id & 63);
+    const bool first_elder = make_key(nd[r1].rank, r1) > make_key(nd[r2].rank, r2);
+    const u32 young = first_elder ? r2 : r1, old = first_elder ? r1 : r2;
+    nd[young].parent = old;
+    u32 c_young = kNone;
+    if constexpr (kTrack) {
+      const u32 a = nd[r1].crep, b = nd[r2].crep, ca = nd[r1].crank, cb = nd[r2].crank;
+      const bool a_elder = make_key(ca, a) > make_key(cb, b);
+      c_young = a_elder ? b : a;
+      nd[old].crep = a_elder ? a : b;
+      nd[old].crank = a_elder ? ca : cb;
+    }
+    const u32 ry = nd[young].rank;
+    if (merge & (ry != key_rank(key))) {
+      const u32 bvox = D == 2 ? cr.edge_voxel(v, ax) : cr.face_voxel(v, ax);
+      if (kTrack) img_of_top->push_back({c_young, static_cast<u32>(bars.size())});
+      if (death_tops) death_tops->push_back({young, static_cast<u32>(bars.size())});
+      bars.push_back({bvox, top_voxel<D>(g, R, ry, young)});
+    }
+  }
+  cells.erase(cells.begin(), cells.begin() + static_cast<std::ptrdiff_t>(keep));
+  if (img_of_top) std::sort(img_of_top->begin(), img_of_top->end());
+}
+
+template <int D>
+void top_pairs(const Geom<D>& g, const Ranks& rk, std::vector<u64>& cells, const std::vector<u32>& top,
+               std::vector<Bar>& bars, const std::vector<u32>* c_top, std::vector<std::pair<u32, u32>>* img_of_top,
+               std::vector<std::pair<u32, u32>>* death_tops, std::vector<u64>* cleared_bits = nullptr) {
+  if (c_top) top_pairs_impl<D, TopNode>(g, rk, cells, top, bars, c_top, img_of_top, death_tops, cleared_bits);
+  else top_pairs_impl<D, Node>(g, rk, cells, top, bars, c_top, img_of_top, death_tops, cleared_bits);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -475,12 +560,11 @@ void top_pairs(const Geom<D>& g, const Ranks& rk, const std::vector<u32>& codim1
 //               entries = their cofaces, pivot = the smallest face (a matrix and its anti-transpose
 //               have the same pivot pairs).
 // Which one needs less work depends on the data (ties in one order make long reduction chains in
-// the other), so the two race: each advances by a work budget in turn, the budget doubles, and the
-// first to finish wins (at most ~3x the work of the better one; deterministic).
+// the other), so the two race (see race()); the pairs do not depend on the winner.
 //
 // Keys are (rank << 32 | cell id), inverted for cohomology, so that the pivot is always the largest
 // key. A column whose largest entry is still free is paired at once (apparent / emergent pair);
-// the others are reduced with a max-heap with lazy cancellation and kept for later additions.
+// the others are reduced by sorted merges and kept for later additions.
 
 struct DimOneSide {
   const Geom<3>* g = nullptr;
@@ -555,11 +639,12 @@ struct DimOneReducer {
   std::vector<u32> pivot;
   std::vector<u64> taken;      // bitset over rows: is a pivot (small enough to stay in cache)
   std::vector<u64> pool;       // kept reduced columns: length n, column cell, then n keys (decreasing)
-  std::vector<u64> work_col, scratch;  // working column, sorted decreasing, pairs cancelled
+  // The working column: col[head, tail), sorted decreasing, pairs cancelled, with room in front.
+  std::vector<u64> col;
+  size_t head = 0, tail = 0;
   u32 i = 0;                   // next column
-  bool busy = false;           // column i is in work_col, partly reduced
+  bool busy = false;           // column i is the working column, partly reduced
   bool started = false;
-  u64 spent = 0;               // work so far
 
   // Prepares a fresh reduction of the given columns and rows.
   void reset(const DimOneSide& sd) {
@@ -568,7 +653,6 @@ struct DimOneReducer {
     i = 0;
     busy = false;
     started = false;
-    spent = 0;
   }
   void start() {
     const size_t nrows = static_cast<size_t>(side.g->V) * 3;
@@ -581,12 +665,34 @@ struct DimOneReducer {
     taken[r >> 6] |= u64(1) << (r & 63);
     pivot[r] = entry;
   }
-  // work_col <- work_col + x (over Z/2); both sorted decreasing. Branch-free merge: equal keys
-  // cancel (both advance, nothing is kept).
-  void add(const u64* x, size_t n) {
-    scratch.resize(work_col.size() + n);
-    const u64 *a = work_col.data(), *ae = a + work_col.size(), *b = x, *be = x + n;
-    u64* o = scratch.data();
+  static constexpr size_t kRoom = 64;
+  void set_column(const u64* k, int n) {
+    if (col.size() < 2 * kRoom) col.resize(2 * kRoom);
+    head = kRoom;
+    tail = head + static_cast<size_t>(n);
+    std::copy(k, k + n, col.begin() + static_cast<std::ptrdiff_t>(head));
+  }
+  // Working column <- working column + x (over Z/2), x sorted decreasing with the same pivot. The
+  // pivots cancel; x's other keys (mostly 2-3) are merged into the front of the column, down to
+  // where they end: the rest of it (often most: it can grow to thousands of keys) stays in place.
+  // The merged part is written from m = n - 1 places in front of it, so it ends right before the
+  // rest (moved up only by further cancellations). Returns the work done (keys merged, plus one).
+  size_t add(const u64* x, size_t n) {
+    ++head;
+    const size_t m = n - 1;
+    if (head < m) {  // room in front: recentre in a buffer twice the column's length
+      const size_t len = tail - head, room = std::max(kRoom, len) + m;
+      std::vector<u64> bigger(2 * room + len);
+      std::copy(col.begin() + static_cast<std::ptrdiff_t>(head), col.begin() + static_cast<std::ptrdiff_t>(tail),
+                bigger.begin() + static_cast<std::ptrdiff_t>(room));
+      col.swap(bigger);
+      head = room;
+      tail = room + len;
+    }
+    u64* const from = col.data() + head - m;
+    u64* o = from;
+    const u64 *a = col.data() + head, *ae = col.data() + tail, *b = x + 1, *be = x + n;
+    // branch-free merge (o never passes a): equal keys cancel (both advance, nothing is kept)
     while (a != ae && b != be) {
       const u64 va = *a, vb = *b;
       *o = va > vb ? va : vb;
@@ -594,10 +700,11 @@ struct DimOneReducer {
       a += va >= vb;
       b += vb >= va;
     }
-    while (a != ae) *o++ = *a++;
     while (b != be) *o++ = *b++;
-    scratch.resize(o - scratch.data());
-    work_col.swap(scratch);
+    const size_t merged = static_cast<size_t>(o - from), gap = static_cast<size_t>(a - o);
+    if (gap) std::memmove(from + gap, from, merged * sizeof(u64));
+    head = head - m + gap;
+    return merged + 1;
   }
   // Sorts n <= 4 keys decreasing (a sorting network; missing entries are padded with 0, below
   // every key: homology columns always have 4 entries and cohomology keys are never 0).
@@ -617,19 +724,20 @@ struct DimOneReducer {
   u32 keep(u32 cell) {
     const size_t off = pool.size();
     if (off >= kStored) throw std::length_error("dimension-1 reduction: more than 2^31 kept entries");
-    pool.push_back(work_col.size());
+    pool.push_back(tail - head);
     pool.push_back(cell);
-    pool.insert(pool.end(), work_col.begin(), work_col.end());
+    pool.insert(pool.end(), col.begin() + static_cast<std::ptrdiff_t>(head), col.begin() + static_cast<std::ptrdiff_t>(tail));
     return kStored | static_cast<u32>(off);
   }
-  // Reduces columns until about `budget` units of work are spent; true when all are reduced.
-  bool advance(u64 budget) {
+  // Reduces columns until about `budget` units of work are spent or column `stop` is reached;
+  // true when all are reduced.
+  bool advance(u64 budget, u32 stop = 0xFFFFFFFFu) {
     if (!started) start();
     u64 work = 0;
     u64 k[4];
     bool suspended = false;
     while (i < side.ncols && !suspended) {
-      if (work >= budget) {
+      if (work >= budget || i >= stop) {
         suspended = true;
         break;
       }
@@ -650,43 +758,42 @@ struct DimOneReducer {
           continue;
         }
         sort_desc(k, n);
-        work_col.assign(k, k + n);
+        set_column(k, n);
         busy = true;
       }
       while (true) {
-        if (work_col.empty()) {  // zero column
+        if (head == tail) {  // zero column
           busy = false;
           ++i;
           break;
         }
-        const u32 r = side.row(work_col[0]);
+        const u32 r = side.row(col[head]);
         if (!is_taken(r)) {
           take(r, keep(cell));
           busy = false;
           ++i;
           break;
         }
-        // add the reduced column whose pivot is work_col[0]
+        // add the reduced column whose pivot is the working column's; the next pivot is often the
+        // second key: its slot is fetched while the column to add is
+        if (tail - head > 1) __builtin_prefetch(pivot.data() + side.row(col[head + 1]));
         const u32 e = pivot[r];
         if (e & kStored) {
           const u64 at = e & ~kStored;
           const u64 len = pool[at];
-          add(pool.data() + at + 2, len);
-          work += len + work_col.size();
+          work += add(pool.data() + at + 2, len);
         } else {
           u64 kj[4];
           const int nj = side.entries(e - 1, kj);
           sort_desc(kj, nj);
-          add(kj, static_cast<size_t>(nj));
-          work += static_cast<u64>(nj) + work_col.size();
+          work += add(kj, static_cast<size_t>(nj));
         }
-        if (work >= budget) {  // suspend mid-column: work_col keeps the state
+        if (work >= budget) {  // suspend mid-column: the working column keeps the state
           suspended = true;
           break;
         }
       }
     }
-    spent += work;
     return i >= side.ncols;
   }
   u32 column_cell(u32 entry) const { return (entry & kStored) ? static_cast<u32>(pool[(entry & ~kStored) + 1]) : entry - 1; }
@@ -694,51 +801,58 @@ struct DimOneReducer {
     std::vector<u32>().swap(pivot);
     std::vector<u64>().swap(taken);
     std::vector<u64>().swap(pool);
-    std::vector<u64>().swap(work_col);
-    std::vector<u64>().swap(scratch);
+    std::vector<u64>().swap(col);
   }
 };
 
-// Races the two formulations; returns the finished one (the other is released). Both first get
-// about half a scan of their columns; then the side whose remaining work looks smaller
-// advances by as much as it has spent so far (doubling). Remaining work is extrapolated from the
-// side's latest advance (its work per column there; an advance that finished no column counts as
-// at least that much per remaining column), since columns get costlier towards the end. A side
-// never gets more than 8x the other's work before the other has a turn. Work counts merged entries,
-// so the outcome is deterministic.
-struct RaceSide {
-  DimOneReducer* r;
-  u64 last_work = 0;
-  u32 last_cols = 0;
-  bool advance(u64 budget) {
-    const u64 w0 = r->spent;
-    const u32 i0 = r->i;
-    const bool done = r->advance(budget);
-    last_work = r->spent - w0;
-    last_cols = r->i - i0;
-    return done;
-  }
-  double remaining() const {
-    const double left = static_cast<double>(r->side.ncols - r->i);
-    return static_cast<double>(last_work) / std::max<u32>(last_cols, 1) * left;
-  }
-};
-
-inline u64 race_budget(const DimOneReducer& a, const DimOneReducer& b) {
-  return DimOneReducer::kColumnWork * std::max(a.side.ncols, b.side.ncols) / 2 + 1024;
+// Races the two formulations; returns the finished one (the other is released). Both give the
+// same pairs (the pivot pairs of one matrix), so the race only decides the speed, and it is timed
+// in this thread's CPU time: a count of operations misjudges it (a column start costs a few cache
+// misses on continuous data and next to nothing on binary data, where the cells come in memory
+// order). Both forms first reduce the same first 1/64 of their columns; the faster goes on, in
+// chunks, until it has spent twice what the other would need at its probe's pace; then the other
+// gets its turn on the same terms (so a misleading probe costs at most a small factor).
+inline double thread_seconds() {
+#if defined(CLOCK_THREAD_CPUTIME_ID)
+  timespec t;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+  return static_cast<double>(t.tv_sec) + 1e-9 * static_cast<double>(t.tv_nsec);
+#else
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+#endif
 }
 
+struct RaceSide {
+  DimOneReducer* r;
+  double seconds = 0;
+  bool advance(u64 budget, u32 stop = 0xFFFFFFFFu) {
+    const double t0 = thread_seconds();
+    const bool done = r->advance(budget, stop);
+    seconds += thread_seconds() - t0;
+    return done;
+  }
+  // this side's total time at its pace so far
+  double projected() const {
+    return seconds / std::max<u32>(r->i, 1) * std::max<u32>(r->side.ncols, 1);
+  }
+};
+
 inline DimOneReducer* race(DimOneReducer& a, DimOneReducer& b) {
-  const u64 b0 = race_budget(a, b);
+  const u32 n = std::max(a.side.ncols, b.side.ncols);
+  const u32 probe = std::max<u32>(n / 64, 64);
+  const u64 chunk = DimOneReducer::kColumnWork * (n / 64) + 1024;
   RaceSide sa{&a}, sb{&b};
   DimOneReducer* done = nullptr;
-  if (sa.advance(b0)) done = &a;
-  else if (sb.advance(b0)) done = &b;
+  if (sa.advance(~u64(0), probe)) done = &a;
+  else if (sb.advance(~u64(0), probe)) done = &b;
+  RaceSide* x = sa.seconds <= sb.seconds ? &sa : &sb;
+  RaceSide* y = x == &sa ? &sb : &sa;
   while (!done) {
-    RaceSide* x = sa.remaining() <= sb.remaining() ? &sa : &sb;
-    RaceSide* y = x == &sa ? &sb : &sa;
-    if (x->r->spent >= 8 * y->r->spent) std::swap(x, y);
-    if (x->advance(std::max(b0, x->r->spent))) done = x->r;
+    const double limit = 2 * y->projected();
+    do {
+      if (x->advance(chunk)) done = x->r;
+    } while (!done && x->seconds <= limit);
+    std::swap(x, y);
   }
   (done == &a ? b : a).release();
   return done;
@@ -769,7 +883,7 @@ struct ImageState {
   std::vector<uint8_t> matched[D];  // per bar (f and g)
   std::vector<u32> bar_of_vertex;   // dim 0: birth vertex -> bar (f, g)
   std::vector<std::pair<u32, u32>> img_top;  // dim D-1: (c's top cell killed at a bar's birth, bar), sorted (f, g)
-  std::vector<u32> edges;           // c: the edges the dim-0 matching sweep visits
+  std::vector<u64> edges;           // c: keys of the edges the dim-0 matching sweep visits
   std::vector<std::pair<u32, u32>> death_tops;  // c: (dying top cell, bar) of each top-dim bar
   // 3D dimension 1
   std::vector<u32> pos_edges;       // edges that did not merge in dim 0, decreasing (cohomology columns)
@@ -820,17 +934,12 @@ struct Instance {
     ImageState<D>& s = img[which];
     const bool is_c = which == 2;
     const bool image = matching && !is_c;
-    std::vector<u32> edges;
+    std::vector<u64> edges;
     sort_edges<D>(geom, s.rk, edges);
     if (D == 2) {
       // dim 1 by dual union-find; the edges that merge dual components never merge in dim 0
-      std::vector<uint8_t> cleared;
-      top_pairs<D>(geom, s.rk, edges, s.top, s.bars[1], &cleared, image ? &img[2].top : nullptr,
-                   image ? &s.img_top : nullptr, is_c ? &s.death_tops : nullptr);
-      size_t k = 0;
-      for (size_t q = 0; q < edges.size(); ++q)
-        if (!cleared[q]) edges[k++] = edges[q];
-      edges.resize(k);
+      top_pairs<D>(geom, s.rk, edges, s.top, s.bars[1], image ? &img[2].top : nullptr, image ? &s.img_top : nullptr,
+                   is_c ? &s.death_tops : nullptr);
       if (is_c) {
         s.edges.swap(edges);  // c's dim-0 bars come out of the matching sweep
       } else {
@@ -840,18 +949,14 @@ struct Instance {
       std::vector<Bar> c_bars0;
       dim0_pairs<D>(geom, s.rk, edges, is_c ? c_bars0 : s.bars[0], image ? &s.bar_of_vertex : nullptr, &s.pos_edges,
                     is_c ? &s.edges : nullptr, &s.neg_edges);
-      std::vector<u32>().swap(edges);
-      std::vector<u32>& faces = s.hom_cols;
+      std::vector<u64>().swap(edges);
+      s.pos_edges.shrink_to_fit();  // kept through the dimension-1 reductions
+      std::vector<u64> faces;
       sort_faces(geom, s.rk, faces);
-      std::vector<uint8_t> cleared;
-      top_pairs<D>(geom, s.rk, faces, s.top, s.bars[2], &cleared, image ? &img[2].top : nullptr,
-                   image ? &s.img_top : nullptr, is_c ? &s.death_tops : nullptr, &s.pos_faces);
-      size_t k = 0;
-      for (size_t q = 0; q < faces.size(); ++q)
-        if (!cleared[q]) faces[k++] = faces[q];
-      faces.resize(k);
-      std::vector<uint8_t>().swap(cleared);
-      if (!is_c) std::vector<u32>().swap(s.top);
+      top_pairs<D>(geom, s.rk, faces, s.top, s.bars[2], image ? &img[2].top : nullptr, image ? &s.img_top : nullptr,
+                   is_c ? &s.death_tops : nullptr, &s.pos_faces);
+      s.hom_cols.resize(faces.size());
+      for (size_t q = 0; q < faces.size(); ++q) s.hom_cols[q] = key_id(faces[q]);
     }
     if (!is_c) std::vector<u32>().swap(s.top);
   }
@@ -950,10 +1055,21 @@ struct Instance {
     ImageState<D>& s = img[which];
     const ImageState<D>& C = img[2];
     s.img_edge.assign(C.face_bars.size(), kNone);
-    for_each_pair(win, [&](u32 e, u32 q) {
-      auto it = std::lower_bound(C.face_bars.begin(), C.face_bars.end(), std::make_pair(q, u32(0)));
-      if (it != C.face_bars.end() && it->first == q) s.img_edge[it - C.face_bars.begin()] = e;
-    });
+    if (win.side.cohomology) {  // the rows are faces: c's death faces are looked up directly
+      for (size_t k = 0; k < C.face_bars.size(); ++k) {
+        const u32 q = C.face_bars[k].first;
+        if (win.pivot[q]) s.img_edge[k] = win.column_cell(win.pivot[q]);
+      }
+    } else {
+      // c's death faces as a bitset: most pairs are no such face and skip the search
+      std::vector<u64> death((static_cast<size_t>(geom.V) * 3 + 63) / 64, 0);
+      for (auto& qb : C.face_bars) set_bit(death, qb.first);
+      for_each_pair(win, [&](u32 e, u32 q) {
+        if (!get_bit(death.data(), q)) return;
+        auto it = std::lower_bound(C.face_bars.begin(), C.face_bars.end(), std::make_pair(q, u32(0)));
+        if (it != C.face_bars.end() && it->first == q) s.img_edge[it - C.face_bars.begin()] = e;
+      });
+    }
     win.release();
     std::vector<u32>().swap(s.pos_edges);
     std::vector<u64>().swap(s.neg_edges);
@@ -1018,32 +1134,45 @@ struct Instance {
       std::vector<u64>().swap(C.pos_faces);
     }
     // dim 0: union-find over c's edges that also tracks each component's f-elder and g-elder
+    // (all kept at the root, with their ranks)
+    struct MatchNode {
+      u32 parent, rank, f, frank, g, grank;
+    };
     const u32 V = geom.V;
     const u32 *Rc = C.rk.rank.data(), *Rf = F.rk.rank.data(), *Rg = G.rk.rank.data();
-    CellRanks<D> crc{geom, Rc};
-    std::vector<u32> parent(V), rep_f(V), rep_g(V);
-    std::iota(parent.begin(), parent.end(), 0u);
-    std::iota(rep_f.begin(), rep_f.end(), 0u);
-    std::iota(rep_g.begin(), rep_g.end(), 0u);
-    auto older = [](const u32* R, u32 a, u32 b) { return R[a] < R[b] || (R[a] == R[b] && a < b); };
-    for (u32 id : C.edges) {
+    const std::unique_ptr<MatchNode[]> nodes = node_array<MatchNode>(V);
+    MatchNode* nd = nodes.get();
+    for (u32 v = 0; v < V; ++v) nd[v] = {v, Rc[v], v, Rf[v], v, Rg[v]};
+    const size_t ne = C.edges.size();
+    for (size_t k = 0; k < ne; ++k) {
+      if (k + kAhead < ne) {
+        const u32 ahead = key_id(C.edges[k + kAhead]);
+        const u32 av = ahead / D;
+        __builtin_prefetch(nd + av);
+        __builtin_prefetch(nd + av + geom.vs[ahead % D]);
+      }
+      const u64 key = C.edges[k];
+      const u32 id = key_id(key);
       const u32 v = id / D;
       const int a = static_cast<int>(id % D);
       const u32 w = static_cast<u32>(v + geom.vs[a]);
-      const u32 rv = uf_find(parent.data(), v), rw = uf_find(parent.data(), w);
-      if (rv == rw) continue;
-      const bool v_elder = older(Rc, rv, rw);
+      const u32 rv = uf_find(nd, v), rw = uf_find(nd, w);
+      if (rv == rw) continue;  // (never: these edges all merge)
+      const MatchNode x = nd[rv], y = nd[rw];
+      const bool v_elder = make_key(x.rank, rv) < make_key(y.rank, rw);
       const u32 young = v_elder ? rw : rv, old = v_elder ? rv : rw;
-      parent[young] = old;
-      const u32 fa = rep_f[rv], fb = rep_f[rw], ga = rep_g[rv], gb = rep_g[rw];
-      const bool fa_elder = older(Rf, fa, fb), ga_elder = older(Rg, ga, gb);
-      rep_f[old] = fa_elder ? fa : fb;
-      rep_g[old] = ga_elder ? ga : gb;
-      if (Rc[young] == std::max(Rc[v], Rc[w])) continue;  // zero persistence in c
-      const u32 pf = F.bar_of_vertex[fa_elder ? fb : fa], pg = G.bar_of_vertex[ga_elder ? gb : ga];
-      if (pf != kNone && pg != kNone) add_match(0, pf, pg, crc.edge_voxel(v, a));
+      nd[young].parent = old;
+      const bool fa_elder = make_key(x.frank, x.f) < make_key(y.frank, y.f);
+      const bool ga_elder = make_key(x.grank, x.g) < make_key(y.grank, y.g);
+      nd[old].f = fa_elder ? x.f : y.f;
+      nd[old].frank = fa_elder ? x.frank : y.frank;
+      nd[old].g = ga_elder ? x.g : y.g;
+      nd[old].grank = ga_elder ? x.grank : y.grank;
+      if ((v_elder ? y.rank : x.rank) == key_rank(key)) continue;  // zero persistence in c
+      const u32 pf = F.bar_of_vertex[fa_elder ? y.f : x.f], pg = G.bar_of_vertex[ga_elder ? y.g : x.g];
+      if (pf != kNone && pg != kNone) add_match(0, pf, pg, nd[w].rank >= nd[v].rank ? w : v);
     }
-    std::vector<u32>().swap(C.edges);
+    std::vector<u64>().swap(C.edges);
   }
 };
 

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <random>
+#include <set>
 #include <utility>
 #include <vector>
 
@@ -40,6 +41,44 @@ static Pairs run_mode(DimOneReducer* side, int mode) {
     }
   }
   return pairs_of(*win);
+}
+
+// Additions into the working column (the front merge, the room in front running out, cancellations
+// below the pivot) agree with a symmetric difference of sets.
+static void check_column_additions(std::mt19937& rng) {
+  DimOneReducer r;
+  std::set<u64> ref;
+  for (int step = 0; step < 20000; ++step) {
+    if (ref.empty()) {
+      const u64 k[1] = {u64(1) << 40};
+      r.set_column(k, 1);
+      ref.insert(k[0]);
+    }
+    // phases of 2000 additions that mostly grow the column (to thousands of keys), then shrink it
+    const bool grow = (step / 2000) % 2 == 0;
+    const u64 pivot = *ref.rbegin();
+    std::vector<u64> x{pivot};
+    const int extra = 1 + static_cast<int>(rng() % 6);
+    for (int q = 0; q < extra; ++q) {
+      u64 key;
+      if (ref.size() > 1 && rng() % 5 < (grow ? 1u : 4u)) {  // a key of the column: it cancels
+        auto it = ref.begin();
+        std::advance(it, static_cast<long>(rng() % (ref.size() - 1)));
+        key = *it;
+      } else {  // a key below the pivot, mostly near it
+        key = pivot - 1 - rng() % std::min<u64>(pivot - 1, step % 7 == 0 ? u64(1) << 30 : 1000);
+      }
+      if (key < pivot && std::find(x.begin(), x.end(), key) == x.end()) x.push_back(key);
+    }
+    std::sort(x.begin(), x.end(), [](u64 a, u64 b) { return a > b; });
+    r.add(x.data(), x.size());
+    for (u64 key : x)
+      if (!ref.erase(key)) ref.insert(key);
+    const std::vector<u64> got(r.col.begin() + static_cast<long>(r.head), r.col.begin() + static_cast<long>(r.tail));
+    const std::vector<u64> want(ref.rbegin(), ref.rend());
+    CHECK(got == want);
+    if (got != want) return;
+  }
 }
 
 static void check_formulations_agree(int64_t nx, int64_t ny, int64_t nz, int kind, std::mt19937& rng) {
@@ -132,6 +171,7 @@ int main() {
     for (int k = 0; k < 3; ++k) CHECK(in.matches[k].size() == in.img[0].bars[k].size());
   }
   std::mt19937 rng(1);
+  check_column_additions(rng);
   for (int trial = 0; trial < 24; ++trial)
     check_formulations_agree(2 + rng() % 8, 2 + rng() % 8, 2 + rng() % 8, trial % 3, rng);
   check_formulations_agree(14, 13, 12, 0, rng);
