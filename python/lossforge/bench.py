@@ -2,10 +2,10 @@
 
 Each family contributes `lossforge.benchmarks.<family>.cases(device, full) -> list[Case]`. For every
 case the runner first checks that every implementation agrees with ours (the case's `check`), then
-times each one (median of repeats after a warm-up, CUDA synchronised inside the timed call) and
-measures its peak extra memory (CUDA: the caching allocator's peak; CPU: the process's peak resident
+times them taking turns (median of repeats after a warm-up, CUDA synchronised inside the timed call)
+and measures each one's peak extra memory (CUDA: the caching allocator's peak; CPU: the process's peak resident
 set, reset before each call through /proc/self/clear_refs, with malloc told to return large blocks to
-the OS so that the number is the real peak). It prints one table and writes the same as Markdown and a
+the OS so that the number is the real peak; timing runs with malloc's usual reuse of freed blocks). It prints one table and writes the same as Markdown and a
 PNG chart under bench/results/.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ import argparse
 import ctypes
 import dataclasses
 import datetime
+import functools
 import gc
 import importlib
 import os
@@ -66,14 +67,27 @@ def _sync(device: str):
         torch.cuda.synchronize()
 
 
-def _malloc_returns_memory():
-    """Large blocks go straight to mmap and back to the OS on free, so peak RSS measures the real peak."""
+def _mallopt(mmap_threshold: int, trim_threshold: int, trim_now: bool = False) -> None:
+    """glibc's malloc settings (no-op elsewhere). Timing runs with glibc's steady state: blocks up to
+    32 MiB are reused from the heap (as after its dynamic threshold has grown), not mapped afresh and
+    page-faulted on every call. Peak memory is measured with large blocks mapped and returned to the OS
+    on free, and the heap trimmed first, so that the resident-set peak is the call's real peak."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 1 << 16)  # M_TRIM_THRESHOLD
-    except OSError:
+        libc.mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, trim_threshold)  # M_TRIM_THRESHOLD
+        if trim_now:
+            libc.malloc_trim(0)
+    except (OSError, AttributeError):
         pass
+
+
+def _malloc_for_timing() -> None:
+    _mallopt(32 << 20, 64 << 20)
+
+
+def _malloc_for_peak() -> None:
+    _mallopt(1 << 16, 1 << 16, trim_now=True)
 
 
 def _rss_kb(field: str) -> int:
@@ -108,22 +122,33 @@ def peak_extra_mb(fn: Callable, device: str) -> float | None:
     return max(peak, 0) / 1024
 
 
-def time_ms(fn: Callable, device: str, budget_s: float = 1.0, max_reps: int = 20) -> float:
-    """Median wall time of fn in milliseconds: one warm-up, then repeats within the budget."""
-    fn()
-    _sync(device)
+def _timed(fn: Callable, device: str) -> float:
     t0 = time.perf_counter()
     fn()
     _sync(device)
-    first = time.perf_counter() - t0
-    reps = int(max(1, min(max_reps, budget_s / max(first, 1e-6))))
-    times = [first]
-    for _ in range(reps - 1):
-        t0 = time.perf_counter()
+    return time.perf_counter() - t0
+
+
+def time_ms(fn: Callable, device: str, budget_s: float = 1.0, max_reps: int = 20) -> float:
+    """Median wall time of fn in milliseconds: one warm-up, then repeats within the budget."""
+    return time_interleaved_ms({"fn": fn}, device, budget_s, max_reps)["fn"]
+
+
+def time_interleaved_ms(calls: dict[str, Callable], device: str, budget_s: float = 1.0,
+                        max_reps: int = 20) -> dict[str, float]:
+    """Median wall time of each call in milliseconds: one warm-up each, then rounds in which every call
+    that has not used its budget runs once. The calls take turns so that a change in a shared machine's
+    load falls on all of them alike, which keeps their ratios steadier than timing one after another."""
+    for fn in calls.values():
         fn()
         _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    times = {name: [_timed(fn, device)] for name, fn in calls.items()}
+    reps = {name: int(max(1, min(max_reps, budget_s / max(t[0], 1e-6)))) for name, t in times.items()}
+    for _ in range(max(reps.values()) - 1):
+        for name, fn in calls.items():
+            if len(times[name]) < reps[name]:
+                times[name].append(_timed(fn, device))
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 _BANDWIDTH: dict[str, float] = {}
@@ -149,22 +174,34 @@ def floor_ms(bytes_moved: float, device: str) -> float:
     return bytes_moved / (measured_bandwidth_gbs(device) * 1e9) * 1e3
 
 
-def run_case(case: Case, device: str, budget_s: float) -> list[Row]:
+def check_and_measure_memory(case: Case, device: str) -> dict[str, float | None]:
+    """Checks every implementation against ours (a wrong one is not timed), then measures the peak extra
+    memory of one call of each (malloc in its measuring mode: see _mallopt)."""
+    _malloc_for_peak()
     inputs = case.setup(device)
     results = {name: impl(*inputs) for name, impl in case.impls.items()}
     if case.check is not None:
-        case.check(results)  # correctness on the spot: a wrong implementation is not timed
+        case.check(results)
     del results
-    rows = []
+    peaks = {}
     for name, impl in case.impls.items():
-        def call(impl=impl):
-            return impl(*inputs)
-
-        ms = time_ms(call, device, budget_s)
-        mb = peak_extra_mb(call, device)
-        rows.append(Row(case.family, case.op, case.shape, name, ms, mb, name == case.ours, case.floor_ms))
+        _malloc_for_peak()
+        peaks[name] = peak_extra_mb(functools.partial(impl, *inputs), device)
+    del inputs
     gc.collect()
-    return rows
+    return peaks
+
+
+def time_case(case: Case, device: str, budget_s: float, peaks: dict[str, float | None]) -> list[Row]:
+    """Times every implementation of a case (malloc in its timing mode) and returns the report's rows."""
+    _malloc_for_timing()
+    inputs = case.setup(device)
+    ms = time_interleaved_ms({name: functools.partial(impl, *inputs) for name, impl in case.impls.items()}, device,
+                             budget_s)
+    del inputs
+    gc.collect()
+    return [Row(case.family, case.op, case.shape, name, ms[name], peaks[name], name == case.ours, case.floor_ms)
+            for name in case.impls]
 
 
 def pytest_benchmark(benchmark, case: Case, impl: str, device: str):
@@ -276,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    _malloc_returns_memory()
+    _malloc_for_timing()
     import lossforge  # noqa: F401  (loads the ops)
 
     machine = machine_description(args.device)
@@ -285,20 +322,34 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     notes: list[str] = []
     failed = 0
+
+    def fail(case, e):
+        nonlocal failed
+        failed += 1
+        notes.append(f"FAILED {case.family} {case.op} {case.shape}: {type(e).__name__}: {e}")
+        print(f"  FAILED: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        gc.collect()
+
+    # Two passes: every case is checked and its memory measured first, then all are timed. Memory from a
+    # timing pass stays in malloc's per-thread arenas, where a later peak measurement would reuse it.
+    measured = []
     for family in args.family or FAMILIES:
         module = importlib.import_module(f"lossforge.benchmarks.{family}")
         for case in module.cases(args.device, args.full):
-            print(f"  {case.family}: {case.op} {case.shape} ...", flush=True)
+            print(f"  {case.family}: {case.op} {case.shape}: check, memory ...", flush=True)
             try:
-                rows.extend(run_case(case, args.device, args.budget))
+                measured.append((case, check_and_measure_memory(case, args.device)))
             except Exception as e:  # a failed check or a crash: report it, keep the other rows
-                failed += 1
-                notes.append(f"FAILED {case.family} {case.op} {case.shape}: {type(e).__name__}: {e}")
-                print(f"  FAILED: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-                gc.collect()
-                continue
-            if case.note:
-                notes.append(f"{case.family} {case.op} {case.shape}: {case.note}")
+                fail(case, e)
+    for case, peaks in measured:
+        print(f"  {case.family}: {case.op} {case.shape}: time ...", flush=True)
+        try:
+            rows.extend(time_case(case, args.device, args.budget, peaks))
+        except Exception as e:
+            fail(case, e)
+            continue
+        if case.note:
+            notes.append(f"{case.family} {case.op} {case.shape}: {case.note}")
     lines = table(rows)
     print()
     print(format_text(lines))
