@@ -1,12 +1,13 @@
 """`lossforge bench`: the side-by-side report, ours against each baseline on the same inputs, same run.
 
-Each family contributes `lossforge.benchmarks.<family>.cases(device, full) -> list[Case]`. For every
-case the runner first checks that every implementation agrees with ours (the case's `check`), then
-times them taking turns (median of repeats after a warm-up, CUDA synchronised inside the timed call)
-and measures each one's peak extra memory (CUDA: the caching allocator's peak; CPU: the process's peak resident
-set, reset before each call through /proc/self/clear_refs, with malloc told to return large blocks to
-the OS so that the number is the real peak; timing runs with malloc's usual reuse of freed blocks). It prints one table and writes the same as Markdown and a
-PNG chart under bench/results/.
+Each family contributes `lossforge.benchmarks.<family>.cases(device, full) -> list[Case]`. The runner
+first checks every case (every implementation must agree with ours) and measures the peak extra memory
+of one call of each implementation (CUDA: the caching allocator's peak; CPU: the process's peak
+resident set, reset before each call through /proc/self/clear_refs, with malloc told to return large
+blocks to the OS so that the number is the real peak). Then it times them: the implementations of a
+case take turns (median of repeats after a warm-up, CUDA synchronised inside the timed call), with
+malloc's usual reuse of freed blocks. It prints one table and writes the same as Markdown and a PNG
+chart under bench/results/.
 """
 from __future__ import annotations
 
