@@ -9,6 +9,7 @@
 
 #include "betti_matching/betti_matching.h"
 #include "betti_matching/betti_matching_core.h"
+#include "betti_matching/betti_matching_host.h"
 #include "common/common.h"
 
 namespace lossforge {
@@ -226,34 +227,6 @@ std::tuple<Tensor, Tensor> persistence_pairs_cpu(Tensor x, bool include_essentia
 
 // ---- loss over the rows -------------------------------------------------------------------------
 
-struct LossArgs {
-  int64_t N, V, P, D;
-};
-
-LossArgs check_loss_args(const Tensor& pred, const Tensor& target, const Tensor& rows, const Tensor& weights,
-                         const char* op) {
-  check_device(pred, false, op, "pred");
-  check_same_device(pred, target, op, "pred", "target");
-  check_same_device(pred, rows, op, "pred", "rows");
-  check_same_device(pred, weights, op, "pred", "weights");
-  STD_TORCH_CHECK(pred.scalar_type() == ScalarType::Float || pred.scalar_type() == ScalarType::Double, op,
-                  ": pred must be float32 or float64, got ", dtype_name(pred.scalar_type()));
-  check_dtype(target, pred.scalar_type(), op, "target");
-  check_dtype(rows, ScalarType::Long, op, "rows");
-  check_dtype(weights, ScalarType::Double, op, "weights");
-  check_contiguous(pred, op, "pred");
-  check_contiguous(target, op, "target");
-  check_contiguous(rows, op, "rows");
-  check_contiguous(weights, op, "weights");
-  STD_TORCH_CHECK(pred.dim() == 2, op, ": pred must have shape [N, V]");
-  STD_TORCH_CHECK(target.dim() == 2 && target.size(0) == pred.size(0) && target.size(1) == pred.size(1), op,
-                  ": target must have pred's shape [N, V]");
-  STD_TORCH_CHECK(rows.dim() == 2 && rows.size(1) == 5, op, ": rows must have shape [P, 5]");
-  STD_TORCH_CHECK(weights.dim() == 2 && weights.size(1) == 3 && weights.size(0) >= 1, op,
-                  ": weights must have shape [D, 3]");
-  return {pred.size(0), pred.size(1), rows.size(0), weights.size(0)};
-}
-
 // Rows of instance n are contiguous (the core writes them instance by instance): [start[n], start[n+1]).
 std::vector<int64_t> instance_starts(const int64_t* rows, const LossArgs& a, const char* op) {
   std::vector<int64_t> start(a.N + 1, a.P);
@@ -279,7 +252,7 @@ std::vector<int64_t> instance_starts(const int64_t* rows, const LossArgs& a, con
 
 Tensor betti_matching_loss_rows_cpu(Tensor pred, Tensor target, Tensor rows, Tensor weights) {
   const char* op = "betti_matching_loss_rows";
-  const LossArgs a = check_loss_args(pred, target, rows, weights, op);
+  const LossArgs a = check_loss_args(pred, target, rows, weights, false, op);
   Tensor loss = torch::stable::new_empty(pred, {a.N}, pred.scalar_type());
   const int64_t* rp = rows.const_data_ptr<int64_t>();
   const std::vector<int64_t> start = instance_starts(rp, a, op);
@@ -302,11 +275,8 @@ Tensor betti_matching_loss_rows_cpu(Tensor pred, Tensor target, Tensor rows, Ten
 
 Tensor betti_matching_loss_rows_backward_cpu(Tensor grad, Tensor pred, Tensor target, Tensor rows, Tensor weights) {
   const char* op = "betti_matching_loss_rows_backward";
-  const LossArgs a = check_loss_args(pred, target, rows, weights, op);
-  check_device(grad, false, op, "grad");
-  check_dtype(grad, pred.scalar_type(), op, "grad");
-  check_contiguous(grad, op, "grad");
-  STD_TORCH_CHECK(grad.numel() == a.N, op, ": grad must have one element per instance");
+  const LossArgs a = check_loss_args(pred, target, rows, weights, false, op);
+  check_loss_grad(grad, pred, a, op);
   Tensor gp = torch::stable::new_zeros(pred, {a.N, a.V});
   const int64_t* rp = rows.const_data_ptr<int64_t>();
   const std::vector<int64_t> start = instance_starts(rp, a, op);

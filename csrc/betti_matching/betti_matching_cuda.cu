@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include "betti_matching/betti_matching.h"
+#include "betti_matching/betti_matching_host.h"
 #include "common/cuda_utils.cuh"
 
 namespace lossforge {
@@ -56,36 +57,9 @@ __global__ void loss_rows_backward_kernel(const T* __restrict__ grad, const T* _
   atomicAdd(grad_pred + n * V + row[2], g * d1);
 }
 
-struct Args {
-  int64_t N, V, P, D;
-};
-
-Args check_args(const Tensor& pred, const Tensor& target, const Tensor& rows, const Tensor& weights, const char* op) {
-  check_device(pred, true, op, "pred");
-  check_same_device(pred, target, op, "pred", "target");
-  check_same_device(pred, rows, op, "pred", "rows");
-  check_same_device(pred, weights, op, "pred", "weights");
-  STD_TORCH_CHECK(pred.scalar_type() == ScalarType::Float || pred.scalar_type() == ScalarType::Double, op,
-                  ": pred must be float32 or float64, got ", dtype_name(pred.scalar_type()));
-  check_dtype(target, pred.scalar_type(), op, "target");
-  check_dtype(rows, ScalarType::Long, op, "rows");
-  check_dtype(weights, ScalarType::Double, op, "weights");
-  check_contiguous(pred, op, "pred");
-  check_contiguous(target, op, "target");
-  check_contiguous(rows, op, "rows");
-  check_contiguous(weights, op, "weights");
-  STD_TORCH_CHECK(pred.dim() == 2, op, ": pred must have shape [N, V]");
-  STD_TORCH_CHECK(target.dim() == 2 && target.size(0) == pred.size(0) && target.size(1) == pred.size(1), op,
-                  ": target must have pred's shape [N, V]");
-  STD_TORCH_CHECK(rows.dim() == 2 && rows.size(1) == 5, op, ": rows must have shape [P, 5]");
-  STD_TORCH_CHECK(weights.dim() == 2 && weights.size(1) == 3 && weights.size(0) >= 1, op,
-                  ": weights must have shape [D, 3]");
-  return {pred.size(0), pred.size(1), rows.size(0), weights.size(0)};
-}
-
 Tensor betti_matching_loss_rows_cuda(Tensor pred, Tensor target, Tensor rows, Tensor weights) {
   const char* op = "betti_matching_loss_rows";
-  const Args a = check_args(pred, target, rows, weights, op);
+  const LossArgs a = check_loss_args(pred, target, rows, weights, true, op);
   torch::stable::accelerator::DeviceGuard guard(pred.get_device_index());
   Tensor loss = torch::stable::new_zeros(pred, {a.N});
   if (a.P == 0 || a.N == 0) return loss;
@@ -102,11 +76,8 @@ Tensor betti_matching_loss_rows_cuda(Tensor pred, Tensor target, Tensor rows, Te
 
 Tensor betti_matching_loss_rows_backward_cuda(Tensor grad, Tensor pred, Tensor target, Tensor rows, Tensor weights) {
   const char* op = "betti_matching_loss_rows_backward";
-  const Args a = check_args(pred, target, rows, weights, op);
-  check_same_device(pred, grad, op, "pred", "grad");
-  check_dtype(grad, pred.scalar_type(), op, "grad");
-  check_contiguous(grad, op, "grad");
-  STD_TORCH_CHECK(grad.numel() == a.N, op, ": grad must have one element per instance");
+  const LossArgs a = check_loss_args(pred, target, rows, weights, true, op);
+  check_loss_grad(grad, pred, a, op);
   torch::stable::accelerator::DeviceGuard guard(pred.get_device_index());
   Tensor gp = torch::stable::new_zeros(pred, {a.N, a.V});
   if (a.P == 0 || a.N == 0) return gp;

@@ -127,6 +127,44 @@ inline bool insertion_fixup(const T* v, const Item* order, int64_t n, T* sv, uin
 // Which way sort_side went (for tests): all values equal, the affine-key sort, or the exact radix sort.
 enum class SortPath { kTrivial, kAffine, kExact };
 
+// The affine-key sort: v[i] -> a key of 2 * DigitBits bits, linear in the value over [lo, hi], packed
+// above its index in one Item and sorted by two LSD passes; an insertion pass then restores the
+// exact (value, index) order, or gives up (false) after `budget` moves.
+template <typename T, typename Item, int IdxBits, int DigitBits>
+inline bool affine_sort(SideScratch<T>& s, int64_t n, T lo, T hi, int64_t budget) {
+  constexpr uint32_t kDigits = 1u << DigitBits, kMaxKey = (1u << (2 * DigitBits)) - 1;
+  const T scale = T(kMaxKey) / (hi - lo);
+  if (!(scale > T(0)) || !std::isfinite(scale)) return false;
+  const T* v = s.v.data();
+  Item* a = reinterpret_cast<Item*>(s.a.data());
+  Item* b = reinterpret_cast<Item*>(s.b.data());
+  uint32_t h0[kDigits] = {}, h1[kDigits] = {};
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t k = static_cast<uint32_t>(static_cast<int64_t>((v[i] - lo) * scale));
+    k = k < kMaxKey ? k : kMaxKey;
+    a[i] = (static_cast<Item>(k) << IdxBits) | static_cast<Item>(i);
+    ++h0[k & (kDigits - 1)];
+    ++h1[k >> DigitBits];
+  }
+  uint32_t s0 = 0, s1 = 0;
+  for (uint32_t c = 0; c < kDigits; ++c) {
+    const uint32_t t0 = h0[c], t1 = h1[c];
+    h0[c] = s0;
+    h1[c] = s1;
+    s0 += t0;
+    s1 += t1;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const Item it = a[i];
+    b[h0[(it >> IdxBits) & (kDigits - 1)]++] = it;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const Item it = b[i];
+    a[h1[it >> (IdxBits + DigitBits)]++] = it;
+  }
+  return insertion_fixup<T, Item, IdxBits>(v, a, n, s.sv.data(), s.si.data(), budget);
+}
+
 // Sorts s.v[0..n) (finite values, min lo, max hi) into s.sv / s.si in (value, index) order.
 template <typename T>
 inline SortPath sort_side(SideScratch<T>& s, int64_t n, T lo, T hi) {
@@ -137,81 +175,12 @@ inline SortPath sort_side(SideScratch<T>& s, int64_t n, T lo, T hi) {
     }
     return SortPath::kTrivial;
   }
-  const T* v = s.v.data();
   const int64_t budget = 4 * n + 1024;
-  if (n <= 65536) {
-    const T scale = T(65535) / (hi - lo);
-    if (!(scale > T(0)) || !std::isfinite(scale)) {
-      sort_exact(s, n);
-      return SortPath::kExact;
-    }
-    uint32_t* a = reinterpret_cast<uint32_t*>(s.a.data());
-    uint32_t* b = reinterpret_cast<uint32_t*>(s.b.data());
-    uint32_t h0[256], h1[256];
-    std::memset(h0, 0, sizeof(h0));
-    std::memset(h1, 0, sizeof(h1));
-    for (int64_t i = 0; i < n; ++i) {
-      uint32_t k = static_cast<uint32_t>(static_cast<int32_t>((v[i] - lo) * scale));
-      k = k < 65535u ? k : 65535u;
-      a[i] = (k << 16) | static_cast<uint32_t>(i);
-      ++h0[k & 0xff];
-      ++h1[k >> 8];
-    }
-    uint32_t s0 = 0, s1 = 0;
-    for (int c = 0; c < 256; ++c) {
-      const uint32_t t0 = h0[c], t1 = h1[c];
-      h0[c] = s0;
-      h1[c] = s1;
-      s0 += t0;
-      s1 += t1;
-    }
-    for (int64_t i = 0; i < n; ++i) {
-      const uint32_t it = a[i];
-      b[h0[(it >> 16) & 0xff]++] = it;
-    }
-    for (int64_t i = 0; i < n; ++i) {
-      const uint32_t it = b[i];
-      a[h1[it >> 24]++] = it;
-    }
-    if (insertion_fixup<T, uint32_t, 16>(v, a, n, s.sv.data(), s.si.data(), budget)) return SortPath::kAffine;
-    sort_exact(s, n);
-    return SortPath::kExact;
-  }
-  // Large n: a 22-bit key (two 11-bit passes) packed with a 32-bit index.
-  const T scale = T(4194303) / (hi - lo);
-  if (!(scale > T(0)) || !std::isfinite(scale)) {
-    sort_exact(s, n);
-    return SortPath::kExact;
-  }
-  uint64_t* a = s.a.data();
-  uint64_t* b = s.b.data();
-  std::vector<uint32_t> hist(4096, 0u);
-  uint32_t* h0 = hist.data();
-  uint32_t* h1 = hist.data() + 2048;
-  for (int64_t i = 0; i < n; ++i) {
-    uint64_t k = static_cast<uint64_t>(static_cast<int64_t>((v[i] - lo) * scale));
-    k = k < 4194303u ? k : 4194303u;
-    a[i] = (k << 32) | static_cast<uint64_t>(i);
-    ++h0[k & 2047];
-    ++h1[k >> 11];
-  }
-  uint32_t s0 = 0, s1 = 0;
-  for (int c = 0; c < 2048; ++c) {
-    const uint32_t t0 = h0[c], t1 = h1[c];
-    h0[c] = s0;
-    h1[c] = s1;
-    s0 += t0;
-    s1 += t1;
-  }
-  for (int64_t i = 0; i < n; ++i) {
-    const uint64_t it = a[i];
-    b[h0[(it >> 32) & 2047]++] = it;
-  }
-  for (int64_t i = 0; i < n; ++i) {
-    const uint64_t it = b[i];
-    a[h1[it >> 43]++] = it;
-  }
-  if (insertion_fixup<T, uint64_t, 32>(v, a, n, s.sv.data(), s.si.data(), budget)) return SortPath::kAffine;
+  // n <= 2^16: a 16-bit key (two 8-bit passes) and a 16-bit index in 32 bits; larger n: a 22-bit key
+  // (two 11-bit passes) and a 32-bit index in 64 bits.
+  const bool sorted = n <= 65536 ? affine_sort<T, uint32_t, 16, 8>(s, n, lo, hi, budget)
+                                 : affine_sort<T, uint64_t, 32, 11>(s, n, lo, hi, budget);
+  if (sorted) return SortPath::kAffine;
   sort_exact(s, n);
   return SortPath::kExact;
 }
