@@ -575,7 +575,6 @@ def test_betti_number_error_matches_scipy(shape, gen, device):
     p, t = pair(shape, gen, "smooth", "binary")
     err = lossforge.betti_number_error(p.to(device), t.to(device), threshold=0.5)
     assert err.shape == shape[:2]
-    D = len(shape) - 2
     for i in range(shape[0] * shape[1]):
         bp = betti_numbers_oracle(p.reshape((-1,) + shape[2:])[i].numpy() >= 0.5)
         bt = betti_numbers_oracle(t.reshape((-1,) + shape[2:])[i].numpy() >= 0.5)
