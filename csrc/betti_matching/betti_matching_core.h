@@ -366,6 +366,16 @@ inline u32 uf_find(N* nd, u32 x) {
 // scattered: those of the cell kAhead steps on are prefetched.
 constexpr size_t kAhead = 8;
 
+// The sweeps find the roots of the next cell before they write the current cell's union. The
+// union's store has the address that is known last (the younger root), and a find placed after it
+// would wait for it (the cells often share roots, so the CPU does not let such loads run ahead):
+// about a third of each sweep's time. The union turns one root (young) into a child of old; the
+// roots found early are mapped through that one link.
+struct LastUnion {
+  u32 young = kNone, old = kNone;
+  u32 root(u32 r) const { return r == young ? old : r; }
+};
+
 // A bar of one image in one dimension: critical vertices of its birth and death cells.
 struct Bar {
   u32 birth, death;
@@ -419,19 +429,36 @@ void dim0_pairs(const Geom<D>& g, const Ranks& rk, const std::vector<u64>& edges
   u64* mer = merging ? merging->data() : nullptr;
   u64* bits = merged_bits ? merged_bits->data() : nullptr;
   size_t npos = 0, nmer = 0;
+  auto ends = [&](u32 id, u32& v, u32& w) {
+    v = id / D;
+    w = static_cast<u32>(v + g.vs[id % D]);
+  };
+  LastUnion last;
+  u32 next_v = 0, next_w = 0;  // roots of edge k, found before the union of edge k - 1
+  if (ne) {
+    u32 v, w;
+    ends(key_id(edges[0]), v, w);
+    next_v = uf_find(nd, v);
+    next_w = uf_find(nd, w);
+  }
   for (size_t k = 0; k < ne; ++k) {
     if (k + kAhead < ne) {
-      const u32 ahead = key_id(edges[k + kAhead]);
-      const u32 av = ahead / D;
+      u32 av, aw;
+      ends(key_id(edges[k + kAhead]), av, aw);
       __builtin_prefetch(nd + av);
-      __builtin_prefetch(nd + av + g.vs[ahead % D]);
+      __builtin_prefetch(nd + aw);
     }
     const u64 key = edges[k];
     const u32 id = key_id(key);
-    const u32 v = id / D;
-    const int a = static_cast<int>(id % D);
-    const u32 w = static_cast<u32>(v + g.vs[a]);
-    const u32 rv = uf_find(nd, v), rw = uf_find(nd, w);
+    u32 v, w;
+    ends(id, v, w);
+    const u32 rv = last.root(next_v), rw = last.root(next_w);
+    if (k + 1 < ne) {
+      u32 nv, nw;
+      ends(key_id(edges[k + 1]), nv, nw);
+      next_v = uf_find(nd, nv);
+      next_w = uf_find(nd, nw);
+    }
     // Whether the edge merges is data-dependent (a third of the edges in 3D do not): no branch on
     // it; with rv == rw the union below links a root to itself.
     const bool merge = rv != rw;
@@ -447,6 +474,7 @@ void dim0_pairs(const Geom<D>& g, const Ranks& rk, const std::vector<u64>& edges
     const bool v_elder = make_key(nd[rv].rank, rv) < make_key(nd[rw].rank, rw);
     const u32 young = v_elder ? rw : rv, old = v_elder ? rv : rw;
     nd[young].parent = old;
+    last = {young, old};
     if (merge & (nd[young].rank != key_rank(key))) {
       if (bar_of_vertex) (*bar_of_vertex)[young] = static_cast<u32>(bars.size());
       // the edge's critical vertex (the upper one on a tie): a node's rank is its vertex's, and
@@ -459,6 +487,37 @@ void dim0_pairs(const Geom<D>& g, const Ranks& rk, const std::vector<u64>& edges
     std::reverse(positive->begin(), positive->end());
   }
   if (merging) merging->resize(nmer);
+}
+
+// 2D: every edge merges either two components in dimension 0 or two dual components (V - 1 of the
+// first kind, F of the second, E = V - 1 + F). The first edge of a vertex (in filtration order)
+// finds the vertex alone in its component, so it merges in dimension 0 and never in the dual
+// union-find, which can skip it: about V of the E edges. Moves these first edges of the sorted
+// edges to `firsts`; both lists stay sorted.
+inline void split_first_edges(const Geom<2>& g, std::vector<u64>& edges, std::vector<u64>& firsts) {
+  // vertices met so far, one byte each: plain stores, no read-modify-write chains
+  const std::unique_ptr<uint8_t[]> seen(new uint8_t[g.V]());
+  uint8_t* met = seen.get();
+  const size_t ne = edges.size();
+  firsts.resize(ne + 1);  // written without branches: every edge is stored, a count advances
+  u64* e = edges.data();
+  u64* fi = firsts.data();
+  const u32 step[2] = {static_cast<u32>(g.vs[0]), 1};
+  size_t nf = 0, nr = 0;
+  for (size_t k = 0; k < ne; ++k) {
+    const u64 key = e[k];
+    const u32 id = key_id(key);
+    const u32 v = id >> 1, w = v + step[id & 1];
+    const bool first = !(met[v] & met[w]);
+    met[v] = 1;
+    met[w] = 1;
+    fi[nf] = key;
+    nf += first;
+    e[nr] = key;  // nr <= k: in place
+    nr += !first;
+  }
+  firsts.resize(nf);
+  edges.resize(nr);
 }
 
 // Dimension D-1 of one image by dual union-find over its codimension-1 cells (keys, increasing):
@@ -499,21 +558,38 @@ void top_pairs_impl(const Geom<D>& g, const Ranks& rk, std::vector<u64>& cells, 
   // slot) is everyone's elder.
   u64* cl = cells.data();
   size_t keep = cells.size();  // cl[keep..) are the cells that did not merge, in increasing order
+  // the two cofaces of cell id: they differ in axis a (2D: the edge's other axis, 3D: the normal)
+  auto cofaces = [&](u32 id, u32& t1, u32& t2) {
+    const int a = D == 2 ? 1 - static_cast<int>(id % D) : static_cast<int>(id % D);
+    t2 = id / D + g.slab;
+    t1 = t2 - static_cast<u32>(g.vs[a]);
+  };
+  LastUnion last;
+  u32 next1 = 0, next2 = 0;  // roots of cell k, found before the union of cell k + 1
+  if (!cells.empty()) {
+    u32 t1, t2;
+    cofaces(key_id(cl[cells.size() - 1]), t1, t2);
+    next1 = uf_find(nd, t1);
+    next2 = uf_find(nd, t2);
+  }
   for (size_t k = cells.size(); k-- > 0;) {
     if (k >= kAhead) {
-      const u32 ahead = key_id(cl[k - kAhead]);
-      const int anb = D == 2 ? 1 - static_cast<int>(ahead % D) : static_cast<int>(ahead % D);
-      const u32 at2 = ahead / D + g.slab;
-      __builtin_prefetch(nd + at2);
-      __builtin_prefetch(nd + at2 - g.vs[anb]);
+      u32 a1, a2;
+      cofaces(key_id(cl[k - kAhead]), a1, a2);
+      __builtin_prefetch(nd + a1);
+      __builtin_prefetch(nd + a2);
     }
     const u64 key = cl[k];
     const u32 id = key_id(key);
     const u32 v = id / D;
     const int ax = static_cast<int>(id % D);
-    const int nb = D == 2 ? 1 - ax : ax;  // the axis the two cofaces differ in
-    const u32 t2 = v + g.slab, t1 = t2 - static_cast<u32>(g.vs[nb]);
-    const u32 r1 = uf_find(nd, t1), r2 = uf_find(nd, t2);
+    const u32 r1 = last.root(next1), r2 = last.root(next2);
+    if (k > 0) {
+      u32 t1, t2;
+      cofaces(key_id(cl[k - 1]), t1, t2);
+      next1 = uf_find(nd, t1);
+      next2 = uf_find(nd, t2);
+    }
     // no branch on whether the cell merges (half of them do, unpredictably): with r1 == r2 every
     // write below is a no-op
     const bool merge = r1 != r2;
@@ -523,6 +599,7 @@ void top_pairs_impl(const Geom<D>& g, const Ranks& rk, std::vector<u64>& cells, 
     const bool first_elder = make_key(nd[r1].rank, r1) > make_key(nd[r2].rank, r2);
     const u32 young = first_elder ? r2 : r1, old = first_elder ? r1 : r2;
     nd[young].parent = old;
+    last = {young, old};
     u32 c_young = kNone;
     if constexpr (kTrack) {
       const u32 a = nd[r1].crep, b = nd[r2].crep, ca = nd[r1].crank, cb = nd[r2].crank;
@@ -935,17 +1012,23 @@ struct Instance {
     const bool is_c = which == 2;
     const bool image = matching && !is_c;
     std::vector<u64> edges;
-    sort_edges<D>(geom, s.rk, edges);
-    if (D == 2) {
-      // dim 1 by dual union-find; the edges that merge dual components never merge in dim 0
+    if constexpr (D == 2) {
+      // dim 1 by dual union-find over the edges that can merge there; dim 0 over the rest
+      std::vector<u64> firsts;
+      sort_edges<D>(geom, s.rk, edges);
+      split_first_edges(geom, edges, firsts);
       top_pairs<D>(geom, s.rk, edges, s.top, s.bars[1], image ? &img[2].top : nullptr, image ? &s.img_top : nullptr,
                    is_c ? &s.death_tops : nullptr);
+      // (few edges are left: the merge's branch is well predicted)
+      std::vector<u64> dim0_edges(firsts.size() + edges.size());
+      std::merge(firsts.begin(), firsts.end(), edges.begin(), edges.end(), dim0_edges.begin());
       if (is_c) {
-        s.edges.swap(edges);  // c's dim-0 bars come out of the matching sweep
+        s.edges.swap(dim0_edges);  // c's dim-0 bars come out of the matching sweep
       } else {
-        dim0_pairs<D>(geom, s.rk, edges, s.bars[0], matching ? &s.bar_of_vertex : nullptr, nullptr, nullptr);
+        dim0_pairs<D>(geom, s.rk, dim0_edges, s.bars[0], matching ? &s.bar_of_vertex : nullptr, nullptr, nullptr);
       }
     } else {
+      sort_edges<D>(geom, s.rk, edges);
       std::vector<Bar> c_bars0;
       dim0_pairs<D>(geom, s.rk, edges, is_c ? c_bars0 : s.bars[0], image ? &s.bar_of_vertex : nullptr, &s.pos_edges,
                     is_c ? &s.edges : nullptr, &s.neg_edges);
@@ -1144,24 +1227,42 @@ struct Instance {
     MatchNode* nd = nodes.get();
     for (u32 v = 0; v < V; ++v) nd[v] = {v, Rc[v], v, Rf[v], v, Rg[v]};
     const size_t ne = C.edges.size();
+    const u64* edges = C.edges.data();
+    auto ends = [&](u32 id, u32& v, u32& w) {
+      v = id / D;
+      w = static_cast<u32>(v + geom.vs[id % D]);
+    };
+    LastUnion last;  // as in the other sweeps: the next edge's roots are found before this union
+    u32 next_v = 0, next_w = 0;
+    if (ne) {
+      u32 v, w;
+      ends(key_id(edges[0]), v, w);
+      next_v = uf_find(nd, v);
+      next_w = uf_find(nd, w);
+    }
     for (size_t k = 0; k < ne; ++k) {
       if (k + kAhead < ne) {
-        const u32 ahead = key_id(C.edges[k + kAhead]);
-        const u32 av = ahead / D;
+        u32 av, aw;
+        ends(key_id(edges[k + kAhead]), av, aw);
         __builtin_prefetch(nd + av);
-        __builtin_prefetch(nd + av + geom.vs[ahead % D]);
+        __builtin_prefetch(nd + aw);
       }
-      const u64 key = C.edges[k];
-      const u32 id = key_id(key);
-      const u32 v = id / D;
-      const int a = static_cast<int>(id % D);
-      const u32 w = static_cast<u32>(v + geom.vs[a]);
-      const u32 rv = uf_find(nd, v), rw = uf_find(nd, w);
+      const u64 key = edges[k];
+      u32 v, w;
+      ends(key_id(key), v, w);
+      const u32 rv = last.root(next_v), rw = last.root(next_w);
+      if (k + 1 < ne) {
+        u32 nv, nw;
+        ends(key_id(edges[k + 1]), nv, nw);
+        next_v = uf_find(nd, nv);
+        next_w = uf_find(nd, nw);
+      }
       if (rv == rw) continue;  // (never: these edges all merge)
       const MatchNode x = nd[rv], y = nd[rw];
       const bool v_elder = make_key(x.rank, rv) < make_key(y.rank, rw);
       const u32 young = v_elder ? rw : rv, old = v_elder ? rv : rw;
       nd[young].parent = old;
+      last = {young, old};
       const bool fa_elder = make_key(x.frank, x.f) < make_key(y.frank, y.f);
       const bool ga_elder = make_key(x.grank, x.g) < make_key(y.grank, y.g);
       nd[old].f = fa_elder ? x.f : y.f;
