@@ -376,6 +376,19 @@ struct LastUnion {
   u32 root(u32 r) const { return r == young ? old : r; }
 };
 
+// The sweeps mark each cell (a byte per cell) and compact their lists after the loop: storing a
+// cell at a count that its own outcome advances gives the store an address that comes last, and
+// the loads of the next cells would wait for it.
+// Moves the keys whose flag is `which` to out (in order); returns their number.
+inline size_t compact(const u64* keys, const uint8_t* flags, size_t n, uint8_t which, u64* out) {
+  size_t m = 0;
+  for (size_t k = 0; k < n; ++k) {
+    out[m] = keys[k];
+    m += flags[k] == which;
+  }
+  return m;
+}
+
 // A bar of one image in one dimension: critical vertices of its birth and death cells.
 struct Bar {
   u32 birth, death;
@@ -421,14 +434,11 @@ void dim0_pairs(const Geom<D>& g, const Ranks& rk, const std::vector<u64>& edges
   for (u32 v = 0; v < g.V; ++v) nd[v] = {v, R[v]};
   if (bar_of_vertex) bar_of_vertex->assign(g.V, kNone);
   const size_t ne = edges.size();
-  // the lists are written without branches: every edge is stored, the count advances or not
-  if (positive) positive->resize(ne + 1);
-  if (merging) merging->resize(ne + 1);
+  // per edge: whether it merged (for the lists, made after the sweep)
+  std::unique_ptr<uint8_t[]> merged(positive || merging ? new uint8_t[ne] : nullptr);
   if (merged_bits) merged_bits->assign((static_cast<size_t>(g.V) * D + 63) / 64, 0);
-  u32* pos = positive ? positive->data() : nullptr;
-  u64* mer = merging ? merging->data() : nullptr;
+  uint8_t* mf = merged.get();
   u64* bits = merged_bits ? merged_bits->data() : nullptr;
-  size_t npos = 0, nmer = 0;
   auto ends = [&](u32 id, u32& v, u32& w) {
     v = id / D;
     w = static_cast<u32>(v + g.vs[id % D]);
@@ -462,14 +472,7 @@ void dim0_pairs(const Geom<D>& g, const Ranks& rk, const std::vector<u64>& edges
     // Whether the edge merges is data-dependent (a third of the edges in 3D do not): no branch on
     // it; with rv == rw the union below links a root to itself.
     const bool merge = rv != rw;
-    if (pos) {
-      pos[npos] = id;
-      npos += !merge;
-    }
-    if (mer) {
-      mer[nmer] = key;
-      nmer += merge;
-    }
+    if (mf) mf[k] = merge;
     if (bits) bits[id >> 6] |= u64(merge) << (id & 63);
     const bool v_elder = make_key(nd[rv].rank, rv) < make_key(nd[rw].rank, rw);
     const u32 young = v_elder ? rw : rv, old = v_elder ? rv : rw;
@@ -482,49 +485,49 @@ void dim0_pairs(const Geom<D>& g, const Ranks& rk, const std::vector<u64>& edges
       bars.push_back({young, nd[w].rank >= nd[v].rank ? w : v});
     }
   }
-  if (positive) {
-    positive->resize(npos);
-    std::reverse(positive->begin(), positive->end());
+  if (merging) {
+    merging->resize(ne);
+    merging->resize(compact(edges.data(), mf, ne, 1, merging->data()));
   }
-  if (merging) merging->resize(nmer);
+  if (positive) {  // ids, decreasing
+    positive->clear();
+    for (size_t k = ne; k-- > 0;)
+      if (!mf[k]) positive->push_back(key_id(edges[k]));
+  }
 }
 
 // 2D: every edge merges either two components in dimension 0 or two dual components (V - 1 of the
 // first kind, F of the second, E = V - 1 + F). The first edge of a vertex (in filtration order)
 // finds the vertex alone in its component, so it merges in dimension 0 and never in the dual
 // union-find, which can skip it: about V of the E edges. Moves these first edges of the sorted
-// edges to `firsts`; both lists stay sorted.
-inline void split_first_edges(const Geom<2>& g, std::vector<u64>& edges, std::vector<u64>& firsts) {
+// edges to `firsts` (room for all edges, not zeroed); both lists stay sorted. Returns their number.
+inline size_t split_first_edges(const Geom<2>& g, std::vector<u64>& edges, std::unique_ptr<u64[]>& firsts) {
   // vertices met so far, one byte each: plain stores, no read-modify-write chains
   const std::unique_ptr<uint8_t[]> seen(new uint8_t[g.V]());
   uint8_t* met = seen.get();
   const size_t ne = edges.size();
-  firsts.resize(ne + 1);  // written without branches: every edge is stored, a count advances
+  const std::unique_ptr<uint8_t[]> first(new uint8_t[ne]);
   u64* e = edges.data();
-  u64* fi = firsts.data();
   const u32 step[2] = {static_cast<u32>(g.vs[0]), 1};
-  size_t nf = 0, nr = 0;
   for (size_t k = 0; k < ne; ++k) {
-    const u64 key = e[k];
-    const u32 id = key_id(key);
+    const u32 id = key_id(e[k]);
     const u32 v = id >> 1, w = v + step[id & 1];
-    const bool first = !(met[v] & met[w]);
+    first[k] = !(met[v] & met[w]);
     met[v] = 1;
     met[w] = 1;
-    fi[nf] = key;
-    nf += first;
-    e[nr] = key;  // nr <= k: in place
-    nr += !first;
   }
-  firsts.resize(nf);
-  edges.resize(nr);
+  firsts.reset(new u64[ne]);
+  const size_t nf = compact(e, first.get(), ne, 1, firsts.get());
+  edges.resize(compact(e, first.get(), ne, 0, e));  // in place: out never passes the reads
+  return nf;
 }
 
 // Dimension D-1 of one image by dual union-find over its codimension-1 cells (keys, increasing):
 // on return `cells` holds only those that did not merge dual components (increasing); those that
 // merged are set in cleared_bits if given (they never enter the dim-1 reduction). With c_top (the
 // comparison image's top-cell ranks) it also tracks each dual component's c-elder and records,
-// for every bar, the c-younger top cell at its birth: (c-younger top cell, bar), sorted.
+// for every bar, the c-younger top cell at its birth: bar_of_ctop[that top cell] = bar (each top
+// cell is the c-younger of one merge at most: it is no c-elder afterwards).
 struct TopNode {
   u32 parent, rank;  // rank: of the root's top cell (the root is the component's elder)
   u32 crep, crank;   // with c_top: the component's c-elder and its c-rank
@@ -532,7 +535,7 @@ struct TopNode {
 
 template <int D, typename N>
 void top_pairs_impl(const Geom<D>& g, const Ranks& rk, std::vector<u64>& cells, const std::vector<u32>& top,
-                    std::vector<Bar>& bars, const std::vector<u32>* c_top, std::vector<std::pair<u32, u32>>* img_of_top,
+                    std::vector<Bar>& bars, const std::vector<u32>* c_top, std::vector<u32>* bar_of_ctop,
                     std::vector<std::pair<u32, u32>>* death_tops, std::vector<u64>* cleared_bits) {
   constexpr bool kTrack = std::is_same<N, TopNode>::value;
   const u32* R = rk.rank.data();
@@ -551,13 +554,13 @@ void top_pairs_impl(const Geom<D>& g, const Ranks& rk, std::vector<u64>& cells, 
     }
   }
   nd[B].parent = B;
-  if (img_of_top) img_of_top->clear();
+  if (bar_of_ctop) bar_of_ctop->assign(g.P, kNone);
   if (cleared_bits) cleared_bits->assign((static_cast<size_t>(g.V) * D + 63) / 64, 0);
   u64* bits = cleared_bits ? cleared_bits->data() : nullptr;
   // The elder of two dual roots is the one with the larger (rank, id): B (rank ~0, the largest
   // slot) is everyone's elder.
   u64* cl = cells.data();
-  size_t keep = cells.size();  // cl[keep..) are the cells that did not merge, in increasing order
+  const std::unique_ptr<uint8_t[]> merged(new uint8_t[cells.size()]);
   // the two cofaces of cell id: they differ in axis a (2D: the edge's other axis, 3D: the normal)
   auto cofaces = [&](u32 id, u32& t1, u32& t2) {
     const int a = D == 2 ? 1 - static_cast<int>(id % D) : static_cast<int>(id % D);
@@ -593,8 +596,7 @@ void top_pairs_impl(const Geom<D>& g, const Ranks& rk, std::vector<u64>& cells, 
     // no branch on whether the cell merges (half of them do, unpredictably): with r1 == r2 every
     // write below is a no-op
     const bool merge = r1 != r2;
-    cl[keep - 1] = key;  // keep >= k + 1: in place
-    keep -= !merge;
+    merged[k] = merge;
     if (bits) bits[id >> 6] |= u64(merge) << (id & 63);
     const bool first_elder = make_key(nd[r1].rank, r1) > make_key(nd[r2].rank, r2);
     const u32 young = first_elder ? r2 : r1, old = first_elder ? r1 : r2;
@@ -611,21 +613,20 @@ void top_pairs_impl(const Geom<D>& g, const Ranks& rk, std::vector<u64>& cells, 
     const u32 ry = nd[young].rank;
     if (merge & (ry != key_rank(key))) {
       const u32 bvox = D == 2 ? cr.edge_voxel(v, ax) : cr.face_voxel(v, ax);
-      if (kTrack) img_of_top->push_back({c_young, static_cast<u32>(bars.size())});
+      if (kTrack) (*bar_of_ctop)[c_young] = static_cast<u32>(bars.size());
       if (death_tops) death_tops->push_back({young, static_cast<u32>(bars.size())});
       bars.push_back({bvox, top_voxel<D>(g, R, ry, young)});
     }
   }
-  cells.erase(cells.begin(), cells.begin() + static_cast<std::ptrdiff_t>(keep));
-  if (img_of_top) std::sort(img_of_top->begin(), img_of_top->end());
+  cells.resize(compact(cl, merged.get(), cells.size(), 0, cl));  // the cells that did not merge
 }
 
 template <int D>
 void top_pairs(const Geom<D>& g, const Ranks& rk, std::vector<u64>& cells, const std::vector<u32>& top,
-               std::vector<Bar>& bars, const std::vector<u32>* c_top, std::vector<std::pair<u32, u32>>* img_of_top,
+               std::vector<Bar>& bars, const std::vector<u32>* c_top, std::vector<u32>* bar_of_ctop,
                std::vector<std::pair<u32, u32>>* death_tops, std::vector<u64>* cleared_bits = nullptr) {
-  if (c_top) top_pairs_impl<D, TopNode>(g, rk, cells, top, bars, c_top, img_of_top, death_tops, cleared_bits);
-  else top_pairs_impl<D, Node>(g, rk, cells, top, bars, c_top, img_of_top, death_tops, cleared_bits);
+  if (c_top) top_pairs_impl<D, TopNode>(g, rk, cells, top, bars, c_top, bar_of_ctop, death_tops, cleared_bits);
+  else top_pairs_impl<D, Node>(g, rk, cells, top, bars, c_top, bar_of_ctop, death_tops, cleared_bits);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -959,7 +960,7 @@ struct ImageState {
   std::vector<Bar> bars[D];         // own bars per dimension
   std::vector<uint8_t> matched[D];  // per bar (f and g)
   std::vector<u32> bar_of_vertex;   // dim 0: birth vertex -> bar (f, g)
-  std::vector<std::pair<u32, u32>> img_top;  // dim D-1: (c's top cell killed at a bar's birth, bar), sorted (f, g)
+  std::vector<u32> img_top;         // dim D-1: c's top cell killed at a bar's birth -> bar, else kNone (f, g)
   std::vector<u64> edges;           // c: keys of the edges the dim-0 matching sweep visits
   std::vector<std::pair<u32, u32>> death_tops;  // c: (dying top cell, bar) of each top-dim bar
   // 3D dimension 1
@@ -1014,14 +1015,14 @@ struct Instance {
     std::vector<u64> edges;
     if constexpr (D == 2) {
       // dim 1 by dual union-find over the edges that can merge there; dim 0 over the rest
-      std::vector<u64> firsts;
+      std::unique_ptr<u64[]> firsts;
       sort_edges<D>(geom, s.rk, edges);
-      split_first_edges(geom, edges, firsts);
+      const size_t nf = split_first_edges(geom, edges, firsts);
       top_pairs<D>(geom, s.rk, edges, s.top, s.bars[1], image ? &img[2].top : nullptr, image ? &s.img_top : nullptr,
                    is_c ? &s.death_tops : nullptr);
       // (few edges are left: the merge's branch is well predicted)
-      std::vector<u64> dim0_edges(firsts.size() + edges.size());
-      std::merge(firsts.begin(), firsts.end(), edges.begin(), edges.end(), dim0_edges.begin());
+      std::vector<u64> dim0_edges(nf + edges.size());
+      std::merge(firsts.get(), firsts.get() + nf, edges.begin(), edges.end(), dim0_edges.begin());
       if (is_c) {
         s.edges.swap(dim0_edges);  // c's dim-0 bars come out of the matching sweep
       } else {
@@ -1186,16 +1187,12 @@ struct Instance {
     ImageState<D>& C = img[2];
     // dim D-1: c's bars and the top cells they kill
     for (auto& tb : C.death_tops) {
-      auto bar_at = [](const std::vector<std::pair<u32, u32>>& m, u32 t) {
-        auto it = std::lower_bound(m.begin(), m.end(), std::make_pair(t, u32(0)));
-        return it != m.end() && it->first == t ? it->second : kNone;
-      };
-      const u32 pf = bar_at(F.img_top, tb.first), pg = bar_at(G.img_top, tb.first);
+      const u32 pf = F.img_top[tb.first], pg = G.img_top[tb.first];
       if (pf != kNone && pg != kNone) add_match(D - 1, pf, pg, C.bars[D - 1][tb.second].death);
     }
     std::vector<std::pair<u32, u32>>().swap(C.death_tops);
-    std::vector<std::pair<u32, u32>>().swap(F.img_top);
-    std::vector<std::pair<u32, u32>>().swap(G.img_top);
+    std::vector<u32>().swap(F.img_top);
+    std::vector<u32>().swap(G.img_top);
     if (D == 3) {
       // dim 1: c's bar dying at face q matches the f and g bars born at the edges of q's image pairs
       auto bar_born_at = [](const std::vector<u32>& births, u32 e) {
