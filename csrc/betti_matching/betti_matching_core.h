@@ -490,9 +490,14 @@ void dim0_pairs(const Geom<D>& g, const Ranks& rk, const std::vector<u64>& edges
     merging->resize(compact(edges.data(), mf, ne, 1, merging->data()));
   }
   if (positive) {  // ids, decreasing
-    positive->clear();
-    for (size_t k = ne; k-- > 0;)
-      if (!mf[k]) positive->push_back(key_id(edges[k]));
+    positive->resize(ne);
+    u32* out = positive->data();
+    size_t m = 0;
+    for (size_t k = ne; k-- > 0;) {
+      out[m] = key_id(edges[k]);
+      m += !mf[k];
+    }
+    positive->resize(m);
   }
 }
 
