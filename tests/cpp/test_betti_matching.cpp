@@ -1,7 +1,8 @@
 // The Betti matching core (csrc/betti_matching/betti_matching_core.h) without torch: barcodes of
 // small known images, and the dimension-1 reductions of 3D volumes computed by the homology form
 // alone, the cohomology form alone, their race, and a race suspended every few entries (every
-// column is then reduced across many resumptions) all give the same pairs.
+// column is then reduced across many resumptions) all give the same pairs; in 2D, the first edge
+// of each vertex never merges in the dual union-find (which skips these edges).
 #include <algorithm>
 #include <cstdint>
 #include <random>
@@ -121,6 +122,34 @@ static void check_formulations_agree(int64_t nx, int64_t ny, int64_t nz, int kin
     for (auto& m : in.matches[k]) CHECK(m.first < in.img[0].bars[k].size() && m.second < in.img[1].bars[k].size());
 }
 
+// 2D: over all edges, the dual union-find merges exactly the edges that do not merge in dimension
+// 0, never the first edge of a vertex; the split keeps both lists sorted and loses no edge.
+static void check_first_edges_split(int64_t nx, int64_t ny, int levels, std::mt19937& rng) {
+  const int64_t sizes[2] = {nx, ny};
+  Geom<2> g(sizes);
+  std::vector<float> f(g.V);
+  for (auto& x : f) x = static_cast<float>(rng() % levels);
+  Ranks rk;
+  compute_ranks(f.data(), g.V, rk);
+  std::vector<u32> top;
+  top_ranks<2>(g, rk.rank.data(), top);
+  std::vector<u64> all;
+  sort_edges<2>(g, rk, all);
+  std::vector<u64> left = all;  // the edges that do not merge dual components
+  std::vector<Bar> bars;
+  top_pairs<2>(g, rk, left, top, bars, nullptr, nullptr, nullptr);
+  std::vector<u64> rest = all;
+  std::unique_ptr<u64[]> firsts;
+  const size_t nf = split_first_edges(g, rest, firsts);
+  CHECK(nf + rest.size() == all.size());
+  CHECK(std::is_sorted(firsts.get(), firsts.get() + nf) && std::is_sorted(rest.begin(), rest.end()));
+  std::vector<u64> both(nf + rest.size());
+  std::merge(firsts.get(), firsts.get() + nf, rest.begin(), rest.end(), both.begin());
+  CHECK(both == all);
+  CHECK(left.size() + 1 == g.V);  // V - 1 edges merge in dimension 0
+  for (size_t i = 0; i < nf; ++i) CHECK(std::binary_search(left.begin(), left.end(), firsts[i]));
+}
+
 int main() {
   {  // 2D: a ring of 0s around a 1: one loop born at 0, filled at the centre (pixel 4) at 1
     const int64_t sizes[2] = {3, 3};
@@ -176,6 +205,8 @@ int main() {
     check_formulations_agree(2 + rng() % 8, 2 + rng() % 8, 2 + rng() % 8, trial % 3, rng);
   check_formulations_agree(14, 13, 12, 0, rng);
   check_formulations_agree(12, 12, 12, 2, rng);
+  for (int trial = 0; trial < 40; ++trial)
+    check_first_edges_split(1 + rng() % 20, 1 + rng() % 20, trial % 2 ? 3 : 1000000, rng);
   // fast division by the grid constants is exact
   for (u32 d : {1u, 2u, 3u, 7u, 48u, 1000u, 65537u, 4000000000u}) {
     FastDiv fd(d);
