@@ -8,6 +8,7 @@ sensitivity): err <= C * eps(dtype) * kappa, kappa = 1 + sigma_max(G)^2 / (s dam
 """
 import collections
 import copy
+import datetime
 import os
 import tempfile
 
@@ -760,7 +761,9 @@ def test_device_static_and_opcheck(device, gen):
 def _distributed_worker(rank, world, init_file, seed):
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # a short timeout: a failed rank must fail the test, not hang CI for gloo's default 30 minutes
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
     try:
         torch.set_num_threads(1)
         g = torch.Generator().manual_seed(seed)
@@ -790,6 +793,9 @@ def _distributed_worker(rank, world, init_file, seed):
             o_dist.step()
         for p, q in zip(p_ref, p_dist):
             assert torch.allclose(p, q, rtol=1e-10, atol=1e-12), rank
+        # every rank has left its last collective before any rank tears gloo down (a rank that
+        # exited early once made another abort in its teardown, on the loaded 2-core CI machine)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
