@@ -191,6 +191,11 @@ struct Geom {
     if (D == 3) div_plane = FastDiv(static_cast<u32>(n[1] * n[2]));
   }
   u32 boundary() const { return P - 1; }
+  // the two vertices of edge id (v, axis): v and v plus a step along the axis
+  void edge_ends(u32 id, u32& v, u32& w) const {
+    v = id / D;
+    w = static_cast<u32>(v + vs[id % D]);
+  }
   // 32-bit divisions (much cheaper than 64-bit ones on the hot paths)
   void coords(u32 v, int64_t* c) const {
     if (D == 2) {
@@ -379,6 +384,40 @@ struct LastUnion {
   u32 root(u32 r) const { return r == young ? old : r; }
 };
 
+// The root-finding of a sweep over edge keys in increasing order: prefetches the nodes of the edge
+// kAhead on, and finds the roots of edge k + 1 before the caller writes edge k's union.
+template <int D, typename N>
+struct EdgeSweep {
+  const Geom<D>& g;
+  N* nd;
+  const u64* edges;
+  size_t ne;
+  LastUnion last;  // the caller's union of the current edge
+  u32 next_v = 0, next_w = 0;
+
+  EdgeSweep(const Geom<D>& geom, N* nodes, const u64* keys, size_t n) : g(geom), nd(nodes), edges(keys), ne(n) {
+    if (ne) find(0);
+  }
+  void find(size_t k) {
+    u32 v, w;
+    g.edge_ends(key_id(edges[k]), v, w);
+    next_v = uf_find(nd, v);
+    next_w = uf_find(nd, w);
+  }
+  // The roots of edge k's vertices.
+  void roots(size_t k, u32& rv, u32& rw) {
+    if (k + kAhead < ne) {
+      u32 av, aw;
+      g.edge_ends(key_id(edges[k + kAhead]), av, aw);
+      __builtin_prefetch(nd + av);
+      __builtin_prefetch(nd + aw);
+    }
+    rv = last.root(next_v);
+    rw = last.root(next_w);
+    if (k + 1 < ne) find(k + 1);
+  }
+};
+
 // The sweeps mark each cell (a byte per cell) and compact their lists after the loop: storing a
 // cell at a count that its own outcome advances gives the store an address that comes last, and
 // the loads of the next cells would wait for it.
@@ -442,36 +481,13 @@ void dim0_pairs(const Geom<D>& g, const Ranks& rk, const std::vector<u64>& edges
   if (merged_bits) merged_bits->assign((static_cast<size_t>(g.V) * D + 63) / 64, 0);
   uint8_t* mf = merged.get();
   u64* bits = merged_bits ? merged_bits->data() : nullptr;
-  auto ends = [&](u32 id, u32& v, u32& w) {
-    v = id / D;
-    w = static_cast<u32>(v + g.vs[id % D]);
-  };
-  LastUnion last;
-  u32 next_v = 0, next_w = 0;  // roots of edge k, found before the union of edge k - 1
-  if (ne) {
-    u32 v, w;
-    ends(key_id(edges[0]), v, w);
-    next_v = uf_find(nd, v);
-    next_w = uf_find(nd, w);
-  }
+  EdgeSweep<D, Node> sweep(g, nd, edges.data(), ne);
   for (size_t k = 0; k < ne; ++k) {
-    if (k + kAhead < ne) {
-      u32 av, aw;
-      ends(key_id(edges[k + kAhead]), av, aw);
-      __builtin_prefetch(nd + av);
-      __builtin_prefetch(nd + aw);
-    }
     const u64 key = edges[k];
     const u32 id = key_id(key);
-    u32 v, w;
-    ends(id, v, w);
-    const u32 rv = last.root(next_v), rw = last.root(next_w);
-    if (k + 1 < ne) {
-      u32 nv, nw;
-      ends(key_id(edges[k + 1]), nv, nw);
-      next_v = uf_find(nd, nv);
-      next_w = uf_find(nd, nw);
-    }
+    u32 v, w, rv, rw;
+    g.edge_ends(id, v, w);
+    sweep.roots(k, rv, rw);
     // Whether the edge merges is data-dependent (a third of the edges in 3D do not): no branch on
     // it; with rv == rw the union below links a root to itself.
     const bool merge = rv != rw;
@@ -480,7 +496,7 @@ void dim0_pairs(const Geom<D>& g, const Ranks& rk, const std::vector<u64>& edges
     const bool v_elder = make_key(nd[rv].rank, rv) < make_key(nd[rw].rank, rw);
     const u32 young = v_elder ? rw : rv, old = v_elder ? rv : rw;
     nd[young].parent = old;
-    last = {young, old};
+    sweep.last = {young, old};
     if (merge & (nd[young].rank != key_rank(key))) {
       if (bar_of_vertex) (*bar_of_vertex)[young] = static_cast<u32>(bars.size());
       // the edge's critical vertex (the upper one on a tie): a node's rank is its vertex's, and
@@ -516,10 +532,9 @@ inline size_t split_first_edges(const Geom<2>& g, std::vector<u64>& edges, std::
   const size_t ne = edges.size();
   const std::unique_ptr<uint8_t[]> first(new uint8_t[ne]);
   u64* e = edges.data();
-  const u32 step[2] = {static_cast<u32>(g.vs[0]), 1};
   for (size_t k = 0; k < ne; ++k) {
-    const u32 id = key_id(e[k]);
-    const u32 v = id >> 1, w = v + step[id & 1];
+    u32 v, w;
+    g.edge_ends(key_id(e[k]), v, w);
     first[k] = !(met[v] & met[w]);
     met[v] = 1;
     met[w] = 1;
@@ -1233,41 +1248,18 @@ struct Instance {
     for (u32 v = 0; v < V; ++v) nd[v] = {v, Rc[v], v, Rf[v], v, Rg[v]};
     const size_t ne = C.edges.size();
     const u64* edges = C.edges.data();
-    auto ends = [&](u32 id, u32& v, u32& w) {
-      v = id / D;
-      w = static_cast<u32>(v + geom.vs[id % D]);
-    };
-    LastUnion last;  // as in the other sweeps: the next edge's roots are found before this union
-    u32 next_v = 0, next_w = 0;
-    if (ne) {
-      u32 v, w;
-      ends(key_id(edges[0]), v, w);
-      next_v = uf_find(nd, v);
-      next_w = uf_find(nd, w);
-    }
+    EdgeSweep<D, MatchNode> sweep(geom, nd, edges, ne);
     for (size_t k = 0; k < ne; ++k) {
-      if (k + kAhead < ne) {
-        u32 av, aw;
-        ends(key_id(edges[k + kAhead]), av, aw);
-        __builtin_prefetch(nd + av);
-        __builtin_prefetch(nd + aw);
-      }
       const u64 key = edges[k];
-      u32 v, w;
-      ends(key_id(key), v, w);
-      const u32 rv = last.root(next_v), rw = last.root(next_w);
-      if (k + 1 < ne) {
-        u32 nv, nw;
-        ends(key_id(edges[k + 1]), nv, nw);
-        next_v = uf_find(nd, nv);
-        next_w = uf_find(nd, nw);
-      }
+      u32 v, w, rv, rw;
+      geom.edge_ends(key_id(key), v, w);
+      sweep.roots(k, rv, rw);
       if (rv == rw) continue;  // (never: these edges all merge)
       const MatchNode x = nd[rv], y = nd[rw];
       const bool v_elder = make_key(x.rank, rv) < make_key(y.rank, rw);
       const u32 young = v_elder ? rw : rv, old = v_elder ? rv : rw;
       nd[young].parent = old;
-      last = {young, old};
+      sweep.last = {young, old};
       const bool fa_elder = make_key(x.frank, x.f) < make_key(y.frank, y.f);
       const bool ga_elder = make_key(x.grank, x.g) < make_key(y.grank, y.g);
       nd[old].f = fa_elder ? x.f : y.f;
