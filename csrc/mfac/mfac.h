@@ -72,23 +72,8 @@ LF_HOST_DEVICE float stored(float v, const float*) { return v; }
 LF_HOST_DEVICE double stored(double v, const double*) { return v; }
 LF_HOST_DEVICE float stored(float v, const uint16_t*) { return bf16_to_float(float_to_bf16(v)); }
 
-// x + wd * p rounded twice, like torch's `g + wd * p` (a multiply, then an add). nvcc would contract
-// the expression into one FMA, and G's new row would then differ in its last bit from
-// (g + wd * p).to(storage) and from the CPU kernels (built without FMA).
-LF_HOST_DEVICE float add_scaled(float x, float wd, float p) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(x, __fmul_rn(wd, p));
-#else
-  return x + wd * p;
-#endif
-}
-LF_HOST_DEVICE double add_scaled(double x, double wd, double p) {
-#if defined(__CUDA_ARCH__)
-  return __dadd_rn(x, __dmul_rn(wd, p));
-#else
-  return x + wd * p;
-#endif
-}
+// g + wd * p (weight decay) is computed with add_mul (common/host_device.h): G's new row then equals
+// (g + wd * p).to(storage) in torch bit for bit, on both devices.
 
 }  // namespace mfac
 }  // namespace lossforge

@@ -177,7 +177,7 @@ template <typename S, typename A>
 void chunk_insert(int64_t n, const A* __restrict gr, const A* __restrict pr, A wd, S* __restrict dst,
                   A* __restrict xs) {
   if (pr != nullptr) {
-    for (int64_t j = 0; j < n; ++j) xs[j] = add_scaled(gr[j], wd, pr[j]);
+    for (int64_t j = 0; j < n; ++j) xs[j] = add_mul(gr[j], wd, pr[j]);
   } else {
     for (int64_t j = 0; j < n; ++j) xs[j] = gr[j];
   }
@@ -197,12 +197,12 @@ void chunk_step(int64_t n, const A* __restrict acc, const A* __restrict gr, A* _
   if (v != nullptr) {
     const A one_mu = A(1) - mu;
     for (int64_t j = 0; j < n; ++j) {
-      const A y = beta * stored(add_scaled(gr[j], wd, p[j]), tag) + alpha * acc[j];
+      const A y = beta * stored(add_mul(gr[j], wd, p[j]), tag) + alpha * acc[j];
       const A nv = mu * v[j] + one_mu * y;
       v[j] = nv;
       p[j] -= lr * nv;
     }
   } else {
-    for (int64_t j = 0; j < n; ++j) p[j] -= lr * (beta * stored(add_scaled(gr[j], wd, p[j]), tag) + alpha * acc[j]);
+    for (int64_t j = 0; j < n; ++j) p[j] -= lr * (beta * stored(add_mul(gr[j], wd, p[j]), tag) + alpha * acc[j]);
   }
 }

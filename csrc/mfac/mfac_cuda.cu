@@ -40,7 +40,7 @@ __global__ void pass1_kernel(const S* G, int64_t ld, int64_t m, int64_t n, const
   const int len = static_cast<int>(min(static_cast<int64_t>(kCudaTile), n - c0));
   for (int j = threadIdx.x; j < len; j += blockDim.x) {
     A v = xv[c0 + j];
-    if (p != nullptr) v = add_scaled(v, wd, p[c0 + j]);
+    if (p != nullptr) v = add_mul(v, wd, p[c0 + j]);
     if (row_out != nullptr) {
       const S sv = store_value(v, row_out);
       row_out[c0 + j] = sv;
@@ -107,7 +107,7 @@ __global__ void step_kernel(const S* __restrict__ G, int64_t ld, int64_t m, int6
   for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < n; j += stride) {
     const A acc = column_dot(G, ld, m, b, j);
     const A pj = p[j];
-    const A y = beta * stored(add_scaled(grad[j], wd, pj), tag) + alpha * acc;
+    const A y = beta * stored(add_mul(grad[j], wd, pj), tag) + alpha * acc;
     A u = y;
     if (v != nullptr) {
       u = mu * v[j] + (A(1) - mu) * y;

@@ -119,12 +119,9 @@ __device__ void block_scan(T* a, int n, bool reverse, double* red) {
   __syncthreads();
 }
 
-// acc + a * b rounded twice (never fused into an FMA): the projections then equal the CPU kernel's bit for
-// bit (the same products and sums in the same order), so both devices sort every slice the same way.
-__device__ __forceinline__ float add_product(float acc, float a, float b) { return __fadd_rn(acc, __fmul_rn(a, b)); }
-__device__ __forceinline__ double add_product(double acc, double a, double b) {
-  return __dadd_rn(acc, __dmul_rn(a, b));
-}
+// The projections accumulate with add_mul (common/host_device.h, never fused into an FMA): they then
+// equal the CPU kernel's bit for bit (the same products and sums in the same order), so both devices
+// sort every slice the same way.
 
 // Padding carries the index kPad.
 constexpr int kPad = INT_MAX;
@@ -207,12 +204,12 @@ sw_kernel(const T* __restrict__ x, const T* __restrict__ y, const T* __restrict_
       T u = 0, v = 0;
       if (i < N) {
         u = 0;
-        for (int k = 0; k < d; ++k) u = add_product(u, xb[static_cast<int64_t>(i) * d + k], theta[s.P.at(bt, k, l)]);
+        for (int k = 0; k < d; ++k) u = add_mul(u, xb[static_cast<int64_t>(i) * d + k], theta[s.P.at(bt, k, l)]);
         u += T(0);  // -0 -> +0: ties with +0 by index
       }
       if (i < M) {
         v = 0;
-        for (int k = 0; k < d; ++k) v = add_product(v, yb[static_cast<int64_t>(i) * d + k], theta[s.P.at(bt, k, l)]);
+        for (int k = 0; k < d; ++k) v = add_mul(v, yb[static_cast<int64_t>(i) * d + k], theta[s.P.at(bt, k, l)]);
         v += T(0);
       }
       w.kx[i] = u;

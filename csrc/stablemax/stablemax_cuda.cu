@@ -307,9 +307,7 @@ __global__ void orthograd_dots_kernel(const T* __restrict__ w, const T* __restri
 }
 
 // g_perp's element i, for the norm and for the write: the same function and a product that is never
-// contracted into an FMA, so that both round alike.
-__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+// contracted into an FMA (mul_rn, common/host_device.h), so that both round alike.
 
 template <typename T, typename A>
 __device__ __forceinline__ A orthograd_perp(const T* __restrict__ w, const T* __restrict__ g, int64_t i, A proj) {

@@ -75,7 +75,7 @@ class OrthoGrad(torch.optim.Optimizer):
         return f"OrthoGrad({self.base_optimizer!r})"
 
 # M-FAC
-from .mfac import SlidingWindowIHVP as _MFACWindow  # noqa: E402
+from .mfac import SlidingWindowIHVP as _MFACWindow, _check_device  # noqa: E402
 from ._ops import ops as _ops  # noqa: E402
 
 
@@ -123,8 +123,7 @@ class MFAC(torch.optim.Optimizer):
             raise TypeError(f"MFAC: all parameters must be float32, or all float64, got {sorted(map(str, dtypes))}")
         if len(devices) != 1:
             raise ValueError(f"MFAC: all parameters must be on one device, got {sorted(map(str, devices))}")
-        if next(iter(devices)).type not in ("cpu", "cuda"):
-            raise ValueError(f"MFAC: parameters must be on the CPU or a CUDA device, got {next(iter(devices))}")
+        _check_device(next(iter(devices)), "MFAC: parameters")
         for i, p in enumerate(plist):
             if not p.is_contiguous():
                 raise ValueError(f"MFAC: parameter {i} (shape {tuple(p.shape)}) is not contiguous; "

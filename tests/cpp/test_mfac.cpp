@@ -1,4 +1,4 @@
-// M-FAC math shared by host and device (csrc/mfac/mfac.h): bfloat16 conversions and x + wd * p.
+// M-FAC math shared by host and device (csrc/mfac/mfac.h): bfloat16 conversions and x + wd * p (common add_mul).
 #include <cstdint>
 #include <cmath>
 #include <cstring>
@@ -48,8 +48,8 @@ int main() {
   // a * a = 1 + 2^-11 + 2^-24 rounds (a tie, to even) to 1 + 2^-11, which the add cancels exactly; one
   // FMA would return 2^-24
   volatile float a = 1.0f + 1.0f / 4096.0f, x = -(1.0f + 1.0f / 2048.0f);  // volatile: computed at run time
-  CHECK(add_scaled(x, a, a) == 0.0f);
-  CHECK(add_scaled(0.5, 0.25, 3.0) == 1.25);
+  CHECK(lossforge::add_mul(x, a, a) == 0.0f);
+  CHECK(lossforge::add_mul(0.5, 0.25, 3.0) == 1.25);
   if (failures() == 0) std::printf("test_mfac: all checks passed\n");
   return failures();
 }
