@@ -1,4 +1,6 @@
 """Shared test fixtures: the `device` fixture runs a test on the CPU and, when present, on CUDA."""
+import sys
+
 import pytest
 import torch
 
@@ -29,3 +31,29 @@ def gen(request):
 
     g = torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
     return g
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The CUDA executor's launch table, when this run used it (tests/test_cuda_kernels.py): per kernel, its
+    template instantiations and their launches under each thread order ("!": an instantiation that no test
+    launched under that order)."""
+    ce = sys.modules.get("cuda_executor")
+    if ce is None or ce._lib is None:
+        return
+    per_kernel = {}
+    for name, counts in ce.launch_counts().items():
+        if name.startswith("executor_selftest::"):  # the executor's own tests: kernels that break rules
+            continue
+        kernel = name.split("<", 1)[0]
+        inst, totals, unlaunched = per_kernel.setdefault(kernel, [0, dict.fromkeys(ce.ORDERS, 0), set()])
+        per_kernel[kernel][0] = inst + 1
+        for order, n in counts.items():
+            totals[order] += n
+            if n == 0:
+                unlaunched.add(order)
+    width = max(map(len, per_kernel))
+    terminalreporter.section("CUDA executor: launches per kernel (all its instantiations) and thread order")
+    terminalreporter.write_line(f"{'kernel':<{width}}  inst  " + "  ".join(f"{o:>11}" for o in ce.ORDERS))
+    for kernel, (inst, totals, unlaunched) in per_kernel.items():
+        cells = [f"{totals[o]:>10}{'!' if o in unlaunched else ' '}" for o in ce.ORDERS]
+        terminalreporter.write_line(f"{kernel:<{width}}  {inst:>4}  " + "  ".join(cells))

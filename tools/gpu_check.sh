@@ -45,7 +45,9 @@ fi
 # without the CUDA kernels every CUDA test would be skipped and the check would pass: fail instead
 cuda_kernels_load || { echo "gpu_check: the CUDA kernels did not load (see build_info.json)"; status=1; }
 
-# the CUDA tests: every test parametrized with device=cuda and every test marked cuda
+# the CUDA tests: every test parametrized with device=cuda and every test marked cuda, among them the
+# kernel-parity tests of tests/test_cuda_kernels.py (backend "cuda"), which CI runs on the CPU under the
+# CUDA executor (backend "emulated"): the same cases, so the two results can be compared
 python3 -m pytest tests -m cuda -q -p no:cacheprovider --rootdir=. -o pythonpath= \
   --junitxml="$OUT/pytest-cuda.xml" 2>&1 | tee "$OUT/pytest-cuda.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1

@@ -49,6 +49,18 @@ else
 fi
 
 case "$what" in
-  test) exec "$py" -m pytest tests "$@" ;;
+  test)
+    # The CUDA executor's test module: every .cu file compiled for the CPU, so that the CUDA kernels run in
+    # tests/test_cuda_kernels.py without a GPU (CMake + Ninja; ccache when installed).
+    export PATH="$(cd "$venv" && pwd)/bin:$PATH"  # the venv's ninja (and cmake, if installed there)
+    command -v cmake >/dev/null || pip_install cmake
+    launcher=()
+    if command -v ccache >/dev/null; then launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache); fi
+    cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release "${launcher[@]}" \
+      -DPython3_EXECUTABLE="$(cd "$venv" && pwd)/bin/python" >/dev/null
+    echo "building the CUDA executor's test module (build/cmake/lossforge_emulated.so)"
+    cmake --build build/cmake --target lossforge_emulated >build/cmake/emulated-build.log 2>&1 ||
+      { cat build/cmake/emulated-build.log; exit 1; }
+    exec "$py" -m pytest tests "$@" ;;
   bench) exec "$venv/bin/lossforge" bench "$@" ;;
 esac

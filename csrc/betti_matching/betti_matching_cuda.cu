@@ -2,8 +2,6 @@
 // (one thread per row, atomic accumulation per instance) and its gradient (one thread per row,
 // atomic scatter into the two critical pixels). The rows come from the CPU core in one transfer;
 // nothing here synchronises with the host.
-#include <cuda_runtime.h>
-
 #include "betti_matching/betti_matching.h"
 #include "betti_matching/betti_matching_host.h"
 #include "common/cuda_utils.cuh"
@@ -60,16 +58,16 @@ __global__ void loss_rows_backward_kernel(const T* __restrict__ grad, const T* _
 Tensor betti_matching_loss_rows_cuda(Tensor pred, Tensor target, Tensor rows, Tensor weights) {
   const char* op = "betti_matching_loss_rows";
   const LossArgs a = check_loss_args(pred, target, rows, weights, true, op);
-  torch::stable::accelerator::DeviceGuard guard(pred.get_device_index());
+  DeviceGuard guard(pred.get_device_index());
   Tensor loss = torch::stable::new_zeros(pred, {a.N});
   if (a.P == 0 || a.N == 0) return loss;
   const cudaStream_t stream = current_stream(pred);
   const unsigned blocks = static_cast<unsigned>(ceil_div(a.P, kThreads));
   LF_DISPATCH_FLOAT_DOUBLE(pred.scalar_type(), op, [&] {
-    loss_rows_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
-        pred.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(), rows.const_data_ptr<int64_t>(),
+    launch<loss_rows_kernel<scalar_t>>(
+        blocks, kThreads, 0, stream, pred.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(),
+        rows.const_data_ptr<int64_t>(),
         weights.const_data_ptr<double>(), loss.mutable_data_ptr<scalar_t>(), a.N, a.V, a.P, a.D);
-    LF_CHECK_LAUNCH(op);
   });
   return loss;
 }
@@ -78,17 +76,17 @@ Tensor betti_matching_loss_rows_backward_cuda(Tensor grad, Tensor pred, Tensor t
   const char* op = "betti_matching_loss_rows_backward";
   const LossArgs a = check_loss_args(pred, target, rows, weights, true, op);
   check_loss_grad(grad, pred, a, op);
-  torch::stable::accelerator::DeviceGuard guard(pred.get_device_index());
+  DeviceGuard guard(pred.get_device_index());
   Tensor gp = torch::stable::new_zeros(pred, {a.N, a.V});
   if (a.P == 0 || a.N == 0) return gp;
   const cudaStream_t stream = current_stream(pred);
   const unsigned blocks = static_cast<unsigned>(ceil_div(a.P, kThreads));
   LF_DISPATCH_FLOAT_DOUBLE(pred.scalar_type(), op, [&] {
-    loss_rows_backward_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
-        grad.const_data_ptr<scalar_t>(), pred.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(),
+    launch<loss_rows_backward_kernel<scalar_t>>(
+        blocks, kThreads, 0, stream, grad.const_data_ptr<scalar_t>(), pred.const_data_ptr<scalar_t>(),
+        target.const_data_ptr<scalar_t>(),
         rows.const_data_ptr<int64_t>(), weights.const_data_ptr<double>(), gp.mutable_data_ptr<scalar_t>(), a.N, a.V,
         a.P, a.D);
-    LF_CHECK_LAUNCH(op);
   });
   return gp;
 }

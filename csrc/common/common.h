@@ -58,8 +58,14 @@ inline void check_same_device(const Tensor& a, const Tensor& b, const char* op, 
 }
 
 inline void check_device(const Tensor& t, bool want_cuda, const char* op, const char* arg) {
+#if defined(LF_CUDA_EMULATION)
+  // the CUDA executor (tests only) runs the CUDA implementations on CPU tensors
+  (void)want_cuda;
+  STD_TORCH_CHECK(t.is_cpu(), op, ": ", arg, " must be a CPU tensor (emulated CUDA)");
+#else
   STD_TORCH_CHECK(t.is_cuda() == want_cuda, op, ": ", arg, " must be a ",
                   want_cuda ? "CUDA" : "CPU", " tensor");
+#endif
 }
 
 // A contiguous tensor seen as [outer, size(dim), inner]: the layout every "reduce over one dimension"

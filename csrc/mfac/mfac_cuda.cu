@@ -1,5 +1,5 @@
-// M-FAC CUDA kernels (spec: shared/specs/mfac.md). Simple by design (compile-checked here, run on the
-// GPU machine by tools/gpu_check.sh):
+// M-FAC CUDA kernels (spec: shared/specs/mfac.md). Simple by design (tested on the CPU by the CUDA executor,
+// on a GPU by tools/gpu_check.sh):
 //   pass 1  one block per tile of kCudaTile columns: the block stages its slice of x (plus the weight
 //           decay, and the insertion into G's row) in shared memory, then each warp takes rows i of G
 //           and writes the partial dot product of its tile; a second kernel sums the tiles per row in
@@ -35,7 +35,7 @@ __device__ __forceinline__ A warp_sum(A v) {
 template <typename S, typename A>
 __global__ void pass1_kernel(const S* G, int64_t ld, int64_t m, int64_t n, const A* __restrict__ xv,
                              const A* __restrict__ p, A wd, S* row_out, A* __restrict__ partial, int64_t tile0) {
-  __shared__ A xs[kCudaTile];
+  LF_SHARED(A[kCudaTile], xs);
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kCudaTile;
   const int len = static_cast<int>(min(static_cast<int64_t>(kCudaTile), n - c0));
   for (int j = threadIdx.x; j < len; j += blockDim.x) {
@@ -120,7 +120,7 @@ __global__ void step_kernel(const S* __restrict__ G, int64_t ld, int64_t m, int6
 // The factor update of mfac_chol_replace_oldest_ (see mfac_cpu.cpp), one block. ws: 2 (n - 1) doubles.
 __global__ void chol_replace_oldest_kernel(double* U, const double* __restrict__ k, double shift, int64_t n,
                                            double* __restrict__ ws, double* __restrict__ piv_out) {
-  __shared__ double ww;
+  LF_SHARED(double, ww);
   double* u = ws;           // u[j] pairs with old column j + 1
   double* kv = ws + n - 1;  // right-hand side of the forward substitution
   for (int64_t j = threadIdx.x; j + 1 < n; j += blockDim.x) {
@@ -135,7 +135,8 @@ __global__ void chol_replace_oldest_kernel(double* U, const double* __restrict__
     const double rkk = src[r], ur = u[r];
     const double rr = hypot(rkk, ur);
     const double c = rr / rkk, s = ur / rkk, inv_c = rkk / rr, wr = kv[r] / rr;
-    __syncthreads();  // every thread has read u[r], kv[r] and the pivot before anyone writes
+    // No barrier here: this iteration writes u[j], kv[j] only for j > r (each by the thread that reads it),
+    // and row r of U, which no thread reads in this iteration.
     for (int64_t j = r + 1 + threadIdx.x; j + 1 < n; j += blockDim.x) {
       const double nr = (src[j] + s * u[j]) * inv_c;
       u[j] = c * u[j] - s * nr;
@@ -148,7 +149,7 @@ __global__ void chol_replace_oldest_kernel(double* U, const double* __restrict__
       dst[n - 1] = wr;
       ww += wr * wr;
     }
-    __syncthreads();
+    __syncthreads();  // u[r + 1], kv[r + 1] and row r + 2 of U are read by every thread in the next iteration
   }
   for (int64_t j = threadIdx.x; j + 1 < n; j += blockDim.x) U[(n - 1) * n + j] = 0.0;
   if (threadIdx.x == 0) {
@@ -185,7 +186,7 @@ Tensor mfac_gemv_cuda(Tensor G, Tensor x) {
     torch::stable::zero_(out);
     return out;
   }
-  torch::stable::accelerator::DeviceGuard guard(G.get_device_index());
+  DeviceGuard guard(G.get_device_index());
   cudaStream_t stream = current_stream(G);
   const int64_t ntiles = ceil_div(d, kCudaTile);
   Tensor partial = torch::stable::new_empty(x, {ntiles, m}, A_t);
@@ -195,12 +196,12 @@ Tensor mfac_gemv_cuda(Tensor G, Tensor x) {
     const S* g = static_cast<const S*>(G.const_data_ptr());
     A* part = partial.mutable_data_ptr<A>();
     for (int64_t v = 0; v < V; ++v) {  // one pass over G per vector (keeps the kernel simple)
-      pass1_kernel<S, A><<<static_cast<unsigned>(ntiles), kThreads, 0, stream>>>(
-          g, G.stride(0), m, d, x.const_data_ptr<A>() + v * d, nullptr, A(0), nullptr, part, 0);
-      LF_CHECK_LAUNCH(op);
-      reduce_tiles_kernel<A, A><<<static_cast<unsigned>(ceil_div(m, kThreads)), kThreads, 0, stream>>>(
-          part, ntiles, m, out.mutable_data_ptr<A>() + v * m);
-      LF_CHECK_LAUNCH(op);
+      launch<pass1_kernel<S, A>>(
+          static_cast<unsigned>(ntiles), kThreads, 0, stream, g, G.stride(0), m, d, x.const_data_ptr<A>() + v * d,
+          nullptr, A(0), nullptr, part, 0);
+      launch<reduce_tiles_kernel<A, A>>(
+          static_cast<unsigned>(ceil_div(m, kThreads)), kThreads, 0, stream, part, ntiles, m,
+          out.mutable_data_ptr<A>() + v * m);
     }
   });
   return out;
@@ -224,17 +225,17 @@ Tensor mfac_gemv_t_cuda(Tensor G, Tensor b, std::optional<Tensor> x, double alph
   shape.push_back(d);
   Tensor out = torch::stable::new_empty(b, shape, A_t);
   if (out.numel() == 0) return out;
-  torch::stable::accelerator::DeviceGuard guard(G.get_device_index());
+  DeviceGuard guard(G.get_device_index());
   cudaStream_t stream = current_stream(G);
   dispatch_storage(G.scalar_type(), [&](auto* tag) {
     using S = std::remove_pointer_t<decltype(tag)>;
     using A = typename Compute<S>::type;
     const S* g = static_cast<const S*>(G.const_data_ptr());
     for (int64_t v = 0; v < V; ++v) {
-      gemv_t_kernel<S, A><<<pass2_blocks(d), kThreads, 0, stream>>>(
-          g, G.stride(0), m, d, b.const_data_ptr<A>() + v * m, x.has_value() ? x->const_data_ptr<A>() + v * d : nullptr,
+      launch<gemv_t_kernel<S, A>>(
+          pass2_blocks(d), kThreads, 0, stream, g, G.stride(0), m, d, b.const_data_ptr<A>() + v * m,
+          x.has_value() ? x->const_data_ptr<A>() + v * d : nullptr,
           static_cast<A>(alpha), static_cast<A>(beta), out.mutable_data_ptr<A>() + v * d);
-      LF_CHECK_LAUNCH(op);
     }
   });
   return out;
@@ -260,7 +261,7 @@ Tensor mfac_insert_gemv_cuda(Tensor G, int64_t row, std::vector<Tensor> grads, s
     torch::stable::zero_(out);
     return out;
   }
-  torch::stable::accelerator::DeviceGuard guard(G.get_device_index());
+  DeviceGuard guard(G.get_device_index());
   cudaStream_t stream = current_stream(G);
   Tensor partial = torch::stable::new_empty(G, {ntiles, m}, A_t);
   dispatch_storage(G.scalar_type(), [&](auto* tag) {
@@ -274,17 +275,17 @@ Tensor mfac_insert_gemv_cuda(Tensor G, int64_t row, std::vector<Tensor> grads, s
       const int64_t n = sizes[t];
       const int64_t tiles = ceil_div(n, kCudaTile);
       if (tiles > 0) {
-        pass1_kernel<S, A><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(
-            g + col, ld, m, n, grads[t].const_data_ptr<A>(), wd ? params[t].const_data_ptr<A>() : nullptr,
+        launch<pass1_kernel<S, A>>(
+            static_cast<unsigned>(tiles), kThreads, 0, stream, g + col, ld, m, n, grads[t].const_data_ptr<A>(),
+            wd ? params[t].const_data_ptr<A>() : nullptr,
             static_cast<A>(weight_decay), g + row * ld + col, part, tile0);
-        LF_CHECK_LAUNCH(op);
       }
       col += n;
       tile0 += tiles;
     }
-    reduce_tiles_kernel<A, double><<<static_cast<unsigned>(ceil_div(m, kThreads)), kThreads, 0, stream>>>(
-        part, ntiles, m, out.mutable_data_ptr<double>());
-    LF_CHECK_LAUNCH(op);
+    launch<reduce_tiles_kernel<A, double>>(
+        static_cast<unsigned>(ceil_div(m, kThreads)), kThreads, 0, stream, part, ntiles, m,
+        out.mutable_data_ptr<double>());
   });
   return out;
 }
@@ -314,7 +315,7 @@ void mfac_step_cuda(Tensor G, Tensor b, std::vector<Tensor> params, std::vector<
     STD_TORCH_CHECK(momentum_buffer->numel() == d, op, ": momentum_buffer must have d = ", d, " elements");
   }
   if (d == 0) return;
-  torch::stable::accelerator::DeviceGuard guard(G.get_device_index());
+  DeviceGuard guard(G.get_device_index());
   cudaStream_t stream = current_stream(G);
   dispatch_storage(G.scalar_type(), [&](auto* tag) {
     using S = std::remove_pointer_t<decltype(tag)>;
@@ -325,11 +326,11 @@ void mfac_step_cuda(Tensor G, Tensor b, std::vector<Tensor> params, std::vector<
     for (size_t t = 0; t < grads.size(); ++t) {
       const int64_t n = sizes[t];
       if (n > 0) {
-        step_kernel<S, A><<<pass2_blocks(n), kThreads, 0, stream>>>(
-            g + col, G.stride(0), m, n, b.const_data_ptr<A>(), grads[t].const_data_ptr<A>(),
+        launch<step_kernel<S, A>>(
+            pass2_blocks(n), kThreads, 0, stream, g + col, G.stride(0), m, n, b.const_data_ptr<A>(),
+            grads[t].const_data_ptr<A>(),
             params[t].mutable_data_ptr<A>(), vp ? vp + col : nullptr, static_cast<A>(alpha), static_cast<A>(beta),
             static_cast<A>(lr), static_cast<A>(weight_decay), static_cast<A>(momentum));
-        LF_CHECK_LAUNCH(op);
       }
       col += n;
     }
@@ -348,14 +349,12 @@ Tensor mfac_chol_replace_oldest_cuda(Tensor U, Tensor k, double shift) {
   check_dtype(k, ScalarType::Double, op, "k");
   check_contiguous(k, op, "k");
   STD_TORCH_CHECK(k.dim() == 1 && k.size(0) == n, op, ": k must have shape [n] = [", n, "]");
-  torch::stable::accelerator::DeviceGuard guard(U.get_device_index());
+  DeviceGuard guard(U.get_device_index());
   cudaStream_t stream = current_stream(U);
   Tensor piv = torch::stable::new_empty(U, {1}, ScalarType::Double);
   Tensor ws = torch::stable::new_empty(U, {std::max<int64_t>(2 * (n - 1), 1)}, ScalarType::Double);
-  chol_replace_oldest_kernel<<<1, kThreads, 0, stream>>>(U.mutable_data_ptr<double>(), k.const_data_ptr<double>(),
-                                                        shift, n, ws.mutable_data_ptr<double>(),
-                                                        piv.mutable_data_ptr<double>());
-  LF_CHECK_LAUNCH(op);
+  launch<chol_replace_oldest_kernel>(1, kThreads, 0, stream, U.mutable_data_ptr<double>(), k.const_data_ptr<double>(),
+                                     shift, n, ws.mutable_data_ptr<double>(), piv.mutable_data_ptr<double>());
   return piv;
 }
 

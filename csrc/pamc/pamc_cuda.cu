@@ -159,7 +159,7 @@ __global__ void positive_backward_cols_kernel(const T* __restrict__ u, const T* 
     const T* ui = u + i * d;
     for (int64_t k = lane; k < d; k += 32) gj[k] += cp * ui[k];
   }
-  __syncwarp();
+  // each lane reads back only the features it wrote (k = lane, lane + 32, ...): no __syncwarp needed
   const T* uj = u + j * d;
   const T iv = inv[j];
   const T clamped = T(1) / T(kNormEps);
@@ -343,20 +343,19 @@ std::tuple<Tensor, Tensor, Tensor> pamc_positive_cuda(Tensor z, Tensor rowptr, T
   STD_TORCH_CHECK(eps >= 0.0, op, ": eps must be non-negative, got ", eps);
   const int64_t nnz = check_graph(z, rowptr, col, weight, colptr, trow, tedge, op);
   const int64_t n = z.size(0), d = z.size(1);
-  torch::stable::accelerator::DeviceGuard guard(z.get_device_index());
+  DeviceGuard guard(z.get_device_index());
   Tensor lse = torch::stable::new_empty(z, {n});
   Tensor u = torch::stable::empty_like(z);
   Tensor inv = torch::stable::new_empty(z, {n});
   if (n == 0) return {lse, u, inv};
   cudaStream_t stream = current_stream(z);
   LF_DISPATCH_FLOAT_DOUBLE(z.scalar_type(), op, [&] {
-    normalize_kernel<scalar_t><<<warp_grid(n), kBlock, 0, stream>>>(
+    launch<normalize_kernel<scalar_t>>(warp_grid(n), kBlock, 0, stream,
         z.const_data_ptr<scalar_t>(), u.mutable_data_ptr<scalar_t>(), inv.mutable_data_ptr<scalar_t>(), n, d);
-    positive_forward_kernel<scalar_t><<<warp_grid(n), kBlock, 0, stream>>>(
+    launch<positive_forward_kernel<scalar_t>>(warp_grid(n), kBlock, 0, stream,
         u.const_data_ptr<scalar_t>(), n, d, rowptr.const_data_ptr<int64_t>(), col.const_data_ptr<int64_t>(),
         weight.const_data_ptr<scalar_t>(), nnz, tau, eps, lse.mutable_data_ptr<scalar_t>());
   });
-  LF_CHECK_LAUNCH(op);
   return {lse, u, inv};
 }
 
@@ -369,22 +368,21 @@ Tensor pamc_positive_backward_cuda(Tensor grad, Tensor u, Tensor inv, Tensor row
   check_vec(inv, u, u.scalar_type(), n, op, "inv");
   check_vec(lse, u, u.scalar_type(), n, op, "lse");
   const int64_t nnz = check_graph(u, rowptr, col, weight, colptr, trow, tedge, op);
-  torch::stable::accelerator::DeviceGuard guard(u.get_device_index());
+  DeviceGuard guard(u.get_device_index());
   Tensor gz = torch::stable::empty_like(u);
   if (n == 0) return gz;
   Tensor c = torch::stable::new_empty(u, {std::max<int64_t>(nnz, 1)});
   cudaStream_t stream = current_stream(u);
   LF_DISPATCH_FLOAT_DOUBLE(u.scalar_type(), op, [&] {
     scalar_t* gzp = gz.mutable_data_ptr<scalar_t>();
-    positive_backward_rows_kernel<scalar_t><<<warp_grid(n), kBlock, 0, stream>>>(
+    launch<positive_backward_rows_kernel<scalar_t>>(warp_grid(n), kBlock, 0, stream,
         u.const_data_ptr<scalar_t>(), n, d, rowptr.const_data_ptr<int64_t>(), col.const_data_ptr<int64_t>(),
         weight.const_data_ptr<scalar_t>(), nnz, grad.const_data_ptr<scalar_t>(), lse.const_data_ptr<scalar_t>(), tau,
         c.mutable_data_ptr<scalar_t>(), gzp, false);
-    positive_backward_cols_kernel<scalar_t><<<warp_grid(n), kBlock, 0, stream>>>(
+    launch<positive_backward_cols_kernel<scalar_t>>(warp_grid(n), kBlock, 0, stream,
         u.const_data_ptr<scalar_t>(), inv.const_data_ptr<scalar_t>(), n, d, colptr.const_data_ptr<int64_t>(),
         trow.const_data_ptr<int64_t>(), tedge.const_data_ptr<int64_t>(), nnz, c.const_data_ptr<scalar_t>(), gzp, gzp);
   });
-  LF_CHECK_LAUNCH(op);
   return gz;
 }
 
@@ -394,7 +392,7 @@ std::tuple<Tensor, Tensor> pamc_segment_sum_cuda(Tensor z, Tensor labels, int64_
   const int64_t n = z.size(0), d = z.size(1), k = num_segments;
   check_vec(labels, z, ScalarType::Long, n, op, "labels");
   STD_TORCH_CHECK(k >= 0, op, ": num_segments must be non-negative, got ", k);
-  torch::stable::accelerator::DeviceGuard guard(z.get_device_index());
+  DeviceGuard guard(z.get_device_index());
   Tensor sums = torch::stable::new_zeros(z, {k, d});
   Tensor counts = torch::stable::new_zeros(labels, {k});
   if (n == 0 || k == 0) return {sums, counts};
@@ -403,13 +401,12 @@ std::tuple<Tensor, Tensor> pamc_segment_sum_cuda(Tensor z, Tensor labels, int64_
   auto* cnt = reinterpret_cast<unsigned long long*>(counts.mutable_data_ptr<int64_t>());
   LF_DISPATCH_FLOAT_DOUBLE(z.scalar_type(), op, [&] {
     if (d > 0)
-      segment_sum_kernel<scalar_t><<<elem_grid(n * d), kBlock, 0, stream>>>(
+      launch<segment_sum_kernel<scalar_t>>(elem_grid(n * d), kBlock, 0, stream,
           z.const_data_ptr<scalar_t>(), labels.const_data_ptr<int64_t>(), n, d, k, sums.mutable_data_ptr<scalar_t>(),
           cnt);
     else
-      count_kernel<<<elem_grid(n), kBlock, 0, stream>>>(labels.const_data_ptr<int64_t>(), n, k, cnt);
+      launch<count_kernel>(elem_grid(n), kBlock, 0, stream, labels.const_data_ptr<int64_t>(), n, k, cnt);
   });
-  LF_CHECK_LAUNCH(op);
   return {sums, counts};
 }
 
@@ -436,7 +433,7 @@ std::tuple<Tensor, Tensor> pairwise_contrastive_cuda(Tensor z, Tensor rowptr, Te
   const int64_t nnz = check_graph(z, rowptr, col, weight, colptr, trow, tedge, op);
   const int64_t n = z.size(0), d = z.size(1);
   const Tiles tl = check_tiles(block_rows, block_cols, n, op);
-  torch::stable::accelerator::DeviceGuard guard(z.get_device_index());
+  DeviceGuard guard(z.get_device_index());
   Tensor loss = torch::stable::new_empty(z, {n});
   Tensor stats = torch::stable::new_empty(z, {n, 2});
   if (n == 0) return {loss, stats};
@@ -449,13 +446,13 @@ std::tuple<Tensor, Tensor> pairwise_contrastive_cuda(Tensor z, Tensor rowptr, Te
   Tensor flat = torch::stable::new_empty(z, {tl.rows * tl.cols});
   const bool fixed = std::fabs(tau) <= kFixedShiftTau;
   LF_DISPATCH_FLOAT_DOUBLE(z.scalar_type(), op, [&] {
-    normalize_kernel<scalar_t><<<warp_grid(n), kBlock, 0, stream>>>(
+    launch<normalize_kernel<scalar_t>>(warp_grid(n), kBlock, 0, stream,
         z.const_data_ptr<scalar_t>(), u.mutable_data_ptr<scalar_t>(), inv.mutable_data_ptr<scalar_t>(), n, d);
-    positive_forward_kernel<scalar_t><<<warp_grid(n), kBlock, 0, stream>>>(
+    launch<positive_forward_kernel<scalar_t>>(warp_grid(n), kBlock, 0, stream,
         u.const_data_ptr<scalar_t>(), n, d, rowptr.const_data_ptr<int64_t>(), col.const_data_ptr<int64_t>(),
         weight.const_data_ptr<scalar_t>(), nnz, tau, 0.0, logp.mutable_data_ptr<scalar_t>());
-    lse_init_kernel<<<elem_grid(n), kBlock, 0, stream>>>(m.mutable_data_ptr<double>(), l.mutable_data_ptr<double>(), n);
-    LF_CHECK_LAUNCH(op);
+    launch<lse_init_kernel>(elem_grid(n), kBlock, 0, stream, m.mutable_data_ptr<double>(), l.mutable_data_ptr<double>(),
+    n);
     for (int64_t r0 = 0; r0 < n; r0 += tl.rows) {
       const int64_t rr = std::min(tl.rows, n - r0);
       Tensor ur = torch::stable::narrow(u, 0, r0, rr);
@@ -463,17 +460,15 @@ std::tuple<Tensor, Tensor> pairwise_contrastive_cuda(Tensor z, Tensor rowptr, Te
         const int64_t cc = std::min(tl.cols, n - c0);
         Tensor s = tile_view(flat, rr, cc);
         mm_out(ur, torch::stable::transpose(torch::stable::narrow(u, 0, c0, cc), 0, 1), s);
-        tile_lse_kernel<scalar_t><<<warp_grid(rr), kBlock, 0, stream>>>(
+        launch<tile_lse_kernel<scalar_t>>(warp_grid(rr), kBlock, 0, stream,
             s.mutable_data_ptr<scalar_t>(), rr, cc, r0, c0, tau, fixed, m.mutable_data_ptr<double>(),
             l.mutable_data_ptr<double>());
-        LF_CHECK_LAUNCH(op);
       }
     }
-    pairwise_finish_kernel<scalar_t><<<elem_grid(n), kBlock, 0, stream>>>(
+    launch<pairwise_finish_kernel<scalar_t>>(elem_grid(n), kBlock, 0, stream,
         logp.const_data_ptr<scalar_t>(), m.const_data_ptr<double>(), l.const_data_ptr<double>(), n,
         loss.mutable_data_ptr<scalar_t>(), stats.mutable_data_ptr<scalar_t>());
   });
-  LF_CHECK_LAUNCH(op);
   return {loss, stats};
 }
 
@@ -492,7 +487,7 @@ Tensor pairwise_contrastive_backward_cuda(Tensor grad, Tensor z, Tensor rowptr, 
                   ", 2]");
   const int64_t nnz = check_graph(z, rowptr, col, weight, colptr, trow, tedge, op);
   const Tiles tl = check_tiles(block_rows, block_cols, n, op);
-  torch::stable::accelerator::DeviceGuard guard(z.get_device_index());
+  DeviceGuard guard(z.get_device_index());
   Tensor gz = torch::stable::new_zeros(z, {n, d});  // accumulates gu, then becomes gz in place
   if (n == 0) return gz;
   cudaStream_t stream = current_stream(z);
@@ -507,11 +502,10 @@ Tensor pairwise_contrastive_backward_cuda(Tensor grad, Tensor z, Tensor rowptr, 
     scalar_t *alpha = f, *gamma = f + n, *logp = f + 2 * n, *logn = f + 3 * n, *half = f + 4 * n, *h = f + 5 * n,
              *beta = f + 6 * n;
     scalar_t* gzp = gz.mutable_data_ptr<scalar_t>();
-    normalize_kernel<scalar_t><<<warp_grid(n), kBlock, 0, stream>>>(
+    launch<normalize_kernel<scalar_t>>(warp_grid(n), kBlock, 0, stream,
         z.const_data_ptr<scalar_t>(), u.mutable_data_ptr<scalar_t>(), inv.mutable_data_ptr<scalar_t>(), n, d);
-    pairwise_factors_kernel<scalar_t><<<elem_grid(n), kBlock, 0, stream>>>(
+    launch<pairwise_factors_kernel<scalar_t>>(elem_grid(n), kBlock, 0, stream,
         grad.const_data_ptr<scalar_t>(), stats.const_data_ptr<scalar_t>(), n, alpha, gamma, logp, logn, half, h, beta);
-    LF_CHECK_LAUNCH(op);
     const bool one_exp = one_exp_backward<scalar_t>(tau, n);
     for (int64_t r0 = 0; d > 0 && r0 < n; r0 += tl.rows) {
       const int64_t rr = std::min(tl.rows, n - r0);
@@ -522,23 +516,20 @@ Tensor pairwise_contrastive_backward_cuda(Tensor grad, Tensor z, Tensor rowptr, 
         Tensor uc = torch::stable::narrow(u, 0, c0, cc);
         Tensor s = tile_view(flat, rr, cc);
         mm_out(ur, torch::stable::transpose(uc, 0, 1), s);
-        tile_weights_kernel<scalar_t><<<elem_grid(rr * cc), kBlock, 0, stream>>>(
+        launch<tile_weights_kernel<scalar_t>>(elem_grid(rr * cc), kBlock, 0, stream,
             s.mutable_data_ptr<scalar_t>(), rr, cc, r0, c0, tau, one_exp, alpha, logn, half, h, beta);
-        LF_CHECK_LAUNCH(op);
         mm_out(s, uc, out);
-        add_rows_kernel<scalar_t><<<elem_grid(rr * d), kBlock, 0, stream>>>(out.const_data_ptr<scalar_t>(),
+        launch<add_rows_kernel<scalar_t>>(elem_grid(rr * d), kBlock, 0, stream, out.const_data_ptr<scalar_t>(),
                                                                             gzp + r0 * d, rr * d);
-        LF_CHECK_LAUNCH(op);
       }
     }
-    positive_backward_rows_kernel<scalar_t><<<warp_grid(n), kBlock, 0, stream>>>(
+    launch<positive_backward_rows_kernel<scalar_t>>(warp_grid(n), kBlock, 0, stream,
         u.const_data_ptr<scalar_t>(), n, d, rowptr.const_data_ptr<int64_t>(), col.const_data_ptr<int64_t>(),
         weight.const_data_ptr<scalar_t>(), nnz, gamma, logp, tau, c.mutable_data_ptr<scalar_t>(), gzp, true);
-    positive_backward_cols_kernel<scalar_t><<<warp_grid(n), kBlock, 0, stream>>>(
+    launch<positive_backward_cols_kernel<scalar_t>>(warp_grid(n), kBlock, 0, stream,
         u.const_data_ptr<scalar_t>(), inv.const_data_ptr<scalar_t>(), n, d, colptr.const_data_ptr<int64_t>(),
         trow.const_data_ptr<int64_t>(), tedge.const_data_ptr<int64_t>(), nnz, c.const_data_ptr<scalar_t>(), gzp, gzp);
   });
-  LF_CHECK_LAUNCH(op);
   return gz;
 }
 

@@ -177,7 +177,7 @@ sw_kernel(const T* __restrict__ x, const T* __restrict__ y, const T* __restrict_
           const double* __restrict__ inv_sums, const T* __restrict__ theta, Shape s, double p_,
           double* __restrict__ vals, T* __restrict__ pgx, T* __restrict__ pgy, T* __restrict__ pgwx,
           T* __restrict__ pgwy, T* __restrict__ gth, unsigned char* __restrict__ gscratch) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  LF_DYNAMIC_SHARED(unsigned char, smem);
   const int64_t c = blockIdx.x, b = blockIdx.y;
   const int tid = threadIdx.x;
   const int64_t slot = b * s.C + c;  // this block's partial buffers
@@ -322,7 +322,8 @@ sw_kernel(const T* __restrict__ x, const T* __restrict__ y, const T* __restrict_
       if (gwyb)
         for (int j = tid; j < M; j += kThreads) gwyb[w.iy[j]] += w.dB[j] * invL;
     }
-    __syncthreads();  // the working arrays are reused by the next slice
+    // No barrier before the next slice: since the last barrier above, each thread reads only entries
+    // i = tid, tid + kThreads, ... of the working arrays, the ones it writes first in the next projection.
   }
 }
 
@@ -330,7 +331,7 @@ sw_kernel(const T* __restrict__ x, const T* __restrict__ y, const T* __restrict_
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 inverse_sums_kernel(const T* __restrict__ wx, const T* __restrict__ wy, int64_t N, int64_t M, double* inv) {
-  __shared__ double red[kThreads];
+  LF_SHARED(double[kThreads], red);
   const int64_t b = blockIdx.x;
   for (int side = 0; side < 2; ++side) {
     const T* w = side == 0 ? wx : wy;
@@ -363,7 +364,7 @@ finish_pairs_kernel(const double* __restrict__ vals, int64_t L, T* __restrict__ 
                     const T* __restrict__ wy, const double* __restrict__ inv, const T* __restrict__ pgwx,
                     const T* __restrict__ pgwy, int64_t C, int64_t N, int64_t M, T* __restrict__ gwx,
                     T* __restrict__ gwy) {
-  __shared__ double red[kThreads];
+  LF_SHARED(double[kThreads], red);
   const int64_t b = blockIdx.x;
   double s = 0;
   for (int64_t l = threadIdx.x; l < L; l += kThreads) s += vals[b * L + l];
@@ -405,7 +406,7 @@ Outputs sliced_wasserstein_cuda(Tensor x, Tensor y, std::optional<Tensor> x_weig
   // grid.y holds the pairs; the padded length (a power of two) must fit an int
   STD_TORCH_CHECK(a.B <= 65535, kOp, ": at most 65535 pairs per call on CUDA");
   STD_TORCH_CHECK(std::max(a.N, a.M) <= (int64_t(1) << 30), kOp, ": at most 2^30 points per cloud on CUDA");
-  torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
+  DeviceGuard guard(x.get_device_index());
   Outputs outs = allocate_outputs(x, a);
   if (a.B == 0) return outs;
   Tensor& value = std::get<0>(outs);
@@ -464,9 +465,8 @@ Outputs sliced_wasserstein_cuda(Tensor x, Tensor y, std::optional<Tensor> x_weig
     const T* wxp = a.has_wx ? x_weights->const_data_ptr<T>() : nullptr;
     const T* wyp = a.has_wy ? y_weights->const_data_ptr<T>() : nullptr;
     if (wxp || wyp) {
-      inverse_sums_kernel<T><<<static_cast<unsigned>(a.B), kThreads, 0, stream>>>(wxp, wyp, a.N, a.M,
-                                                                                  inv.mutable_data_ptr<double>());
-      LF_CHECK_LAUNCH("sliced_wasserstein (weight sums)");
+      launch<inverse_sums_kernel<T>>(static_cast<unsigned>(a.B), kThreads, 0, stream, wxp, wyp, a.N, a.M,
+                                     inv.mutable_data_ptr<double>());
     }
     const size_t shared_bytes = in_shared ? wb : 0;
     if (shared_bytes > 48 * 1024)
@@ -474,29 +474,27 @@ Outputs sliced_wasserstein_cuda(Tensor x, Tensor y, std::optional<Tensor> x_weig
                                       static_cast<int>(shared_bytes)),
                  kOp);
     const dim3 grid(static_cast<unsigned>(s.C), static_cast<unsigned>(a.B));
-    sw_kernel<T><<<grid, kThreads, shared_bytes, stream>>>(
-        x.const_data_ptr<T>(), y.const_data_ptr<T>(), wxp, wyp, inv.const_data_ptr<double>(),
+    launch<sw_kernel<T>>(
+        grid, kThreads, shared_bytes, stream, x.const_data_ptr<T>(), y.const_data_ptr<T>(), wxp, wyp,
+        inv.const_data_ptr<double>(),
         projections.const_data_ptr<T>(), s, p, vals.mutable_data_ptr<double>(),
         a.grad_points ? pgx.mutable_data_ptr<T>() : nullptr, a.grad_points ? pgy.mutable_data_ptr<T>() : nullptr,
         pgwx ? pgwx->mutable_data_ptr<T>() : nullptr, pgwy ? pgwy->mutable_data_ptr<T>() : nullptr,
         a.grad_projections ? gth.mutable_data_ptr<T>() : nullptr,
         gbuf ? gbuf->mutable_data_ptr<unsigned char>() : nullptr);
-    LF_CHECK_LAUNCH("sliced_wasserstein");
 
     if (a.grad_points && partials) {
       const int64_t nx = a.B * a.N * a.d, ny = a.B * a.M * a.d;
-      sum_chunks_kernel<T><<<static_cast<unsigned>(ceil_div(nx, kThreads)), kThreads, 0, stream>>>(
-          pgx.const_data_ptr<T>(), s.C, a.N * a.d, a.B, gx.mutable_data_ptr<T>());
-      LF_CHECK_LAUNCH("sliced_wasserstein (point gradients)");
-      sum_chunks_kernel<T><<<static_cast<unsigned>(ceil_div(ny, kThreads)), kThreads, 0, stream>>>(
-          pgy.const_data_ptr<T>(), s.C, a.M * a.d, a.B, gy.mutable_data_ptr<T>());
-      LF_CHECK_LAUNCH("sliced_wasserstein (point gradients)");
+      launch<sum_chunks_kernel<T>>(static_cast<unsigned>(ceil_div(nx, kThreads)), kThreads, 0, stream,
+                                   pgx.const_data_ptr<T>(), s.C, a.N * a.d, a.B, gx.mutable_data_ptr<T>());
+      launch<sum_chunks_kernel<T>>(static_cast<unsigned>(ceil_div(ny, kThreads)), kThreads, 0, stream,
+                                   pgy.const_data_ptr<T>(), s.C, a.M * a.d, a.B, gy.mutable_data_ptr<T>());
     }
-    finish_pairs_kernel<T><<<static_cast<unsigned>(a.B), kThreads, 0, stream>>>(
-        vals.const_data_ptr<double>(), a.L, value.mutable_data_ptr<T>(), wxp, wyp, inv.const_data_ptr<double>(),
+    launch<finish_pairs_kernel<T>>(
+        static_cast<unsigned>(a.B), kThreads, 0, stream, vals.const_data_ptr<double>(), a.L,
+        value.mutable_data_ptr<T>(), wxp, wyp, inv.const_data_ptr<double>(),
         pgwx ? pgwx->const_data_ptr<T>() : nullptr, pgwy ? pgwy->const_data_ptr<T>() : nullptr, s.C, a.N, a.M,
         gwx.numel() ? gwx.mutable_data_ptr<T>() : nullptr, gwy.numel() ? gwy.mutable_data_ptr<T>() : nullptr);
-    LF_CHECK_LAUNCH("sliced_wasserstein (per-pair values)");
   });
   return outs;
 }

@@ -48,6 +48,18 @@ LF_HOST_DEVICE void s_and_h(T x, T& s_out, T& h_out) {
   h_out = r;
 }
 
+// ⊥Grad's rescale |g| / |g_perp| from gg = |g|^2 and pp = |g_perp|^2 as computed, g_perp = g - proj w in the
+// accumulation type A. When |g_perp| is within the rounding error of that difference (a few ulps of |g|:
+// g parallel to w, as every gradient of a one-element parameter is), the exact g_perp is 0 and so is the
+// result; rescaling the rounding noise would return a vector of norm |g| in an arbitrary direction. NaN
+// propagates (the comparison is false).
+template <typename A>
+LF_HOST_DEVICE double orthograd_scale(double gg, double pp) {
+  const double noise = 8.0 * (sizeof(A) == 4 ? 1.1920928955078125e-07 : 2.220446049250313e-16);  // 8 eps of A
+  if (pp <= noise * noise * gg) return 0.0;
+  return sqrt(gg) / (sqrt(pp) + 1e-30);
+}
+
 // Accumulation type: float for float32/bfloat16/float16 storage, double for float64.
 template <typename T>
 struct Acc {

@@ -356,7 +356,7 @@ void orthograd_cpu(Tensor grad, Tensor param) {
       const double p = perp(i);
       s[0] += p * p;
     })[0];
-    const A scale = static_cast<A>(std::sqrt(dots[2]) / (std::sqrt(perp2) + 1e-30));
+    const A scale = static_cast<A>(orthograd_scale<A>(dots[2], perp2));
     torch::stable::parallel_for(0, n, kChunk, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) g[i] = static_cast<scalar_t>(perp(i) * scale);
     });

@@ -19,7 +19,7 @@ __device__ __forceinline__ A group_sum(A v) {
     for (int off = G / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
     return v;
   } else {
-    __shared__ A warp_sums[G / 32];
+    LF_SHARED(A[G / 32], warp_sums);
 #pragma unroll
     for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
     __syncthreads();  // a previous call's readers are done with warp_sums
@@ -60,7 +60,8 @@ __global__ void stablemax_kernel(const T* __restrict__ x, T* __restrict__ out, R
   if (::isinf(S)) S = A(NAN);  // a +inf logit: the whole row is NaN, as with softmax
   if (log) {
     const A logS = ::log(S);
-    for (int64_t c = lane; c < V; c += G) out[b + c * st] = static_cast<T>(log_s<A>(static_cast<A>(x[b + c * st])) - logS);
+    for (int64_t c = lane; c < V; c += G)
+      out[b + c * st] = static_cast<T>(log_s<A>(static_cast<A>(x[b + c * st])) - logS);
   } else {
     const A inv = A(1) / S;
     for (int64_t c = lane; c < V; c += G) out[b + c * st] = static_cast<T>(s<A>(static_cast<A>(x[b + c * st])) * inv);
@@ -191,16 +192,15 @@ Tensor stablemax_cuda(Tensor x, int64_t dim, bool log) {
   const DimSplit d = split_at_dim(x, dim, "stablemax");
   Tensor out = torch::stable::empty_like(x);
   if (x.numel() == 0) return out;
-  torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
+  DeviceGuard guard(x.get_device_index());
   const RowLayout L{d.size, d.inner};
   cudaStream_t stream = current_stream(x);
   LF_DISPATCH_FLOATING(x.scalar_type(), "stablemax", [&] {
     dispatch_group(L, d.rows(), [&](auto g, unsigned grid) {
-      stablemax_kernel<decltype(g)::value, scalar_t><<<grid, kBlock, 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), L, d.rows(), log);
+      launch<stablemax_kernel<decltype(g)::value, scalar_t>>(
+          grid, kBlock, 0, stream, x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), L, d.rows(), log);
     });
   });
-  LF_CHECK_LAUNCH("stablemax");
   return out;
 }
 
@@ -210,17 +210,17 @@ Tensor stablemax_backward_cuda(Tensor grad, Tensor x, Tensor out, int64_t dim, b
   const DimSplit d = split_at_dim(x, dim, op);
   Tensor gx = torch::stable::empty_like(x);
   if (x.numel() == 0) return gx;
-  torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
+  DeviceGuard guard(x.get_device_index());
   const RowLayout L{d.size, d.inner};
   cudaStream_t stream = current_stream(x);
   LF_DISPATCH_FLOATING(x.scalar_type(), op, [&] {
     dispatch_group(L, d.rows(), [&](auto g, unsigned grid) {
-      stablemax_backward_kernel<decltype(g)::value, scalar_t><<<grid, kBlock, 0, stream>>>(
-          grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(),
+      launch<stablemax_backward_kernel<decltype(g)::value, scalar_t>>(
+          grid, kBlock, 0, stream, grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+          out.const_data_ptr<scalar_t>(),
           gx.mutable_data_ptr<scalar_t>(), L, d.rows(), log);
     });
   });
-  LF_CHECK_LAUNCH(op);
   return gx;
 }
 
@@ -234,19 +234,19 @@ std::tuple<Tensor, Tensor> stablemax_cross_entropy_cuda(Tensor input, Tensor tar
   std::tie(loss, stats) = new_ce_outputs(input, target);
   if (d.rows() == 0) return {loss, stats};
   STD_TORCH_CHECK(d.size > 0, op, ": input has no classes (size 0 at the class dimension)");
-  torch::stable::accelerator::DeviceGuard guard(input.get_device_index());
+  DeviceGuard guard(input.get_device_index());
   const RowLayout L{d.size, d.inner};
   cudaStream_t stream = current_stream(input);
   LF_DISPATCH_FLOATING(input.scalar_type(), op, [&] {
     using A = typename Acc<scalar_t>::type;
     const A* wp = weight.has_value() ? weight->const_data_ptr<A>() : nullptr;
     dispatch_group(L, d.rows(), [&](auto g, unsigned grid) {
-      ce_forward_kernel<decltype(g)::value, scalar_t><<<grid, kBlock, 0, stream>>>(
-          input.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(), wp, loss.mutable_data_ptr<A>(),
+      launch<ce_forward_kernel<decltype(g)::value, scalar_t>>(
+          grid, kBlock, 0, stream, input.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(), wp,
+          loss.mutable_data_ptr<A>(),
           stats.mutable_data_ptr<A>(), L, d.rows(), ignore_index, label_smoothing);
     });
   });
-  LF_CHECK_LAUNCH(op);
   return {loss, stats};
 }
 
@@ -258,7 +258,7 @@ Tensor stablemax_cross_entropy_backward_cuda(Tensor grad_rows, Tensor input, Ten
   check_ce_backward_args(grad_rows, stats, input, d, op);
   Tensor gx = torch::stable::empty_like(input);
   if (input.numel() == 0) return gx;
-  torch::stable::accelerator::DeviceGuard guard(input.get_device_index());
+  DeviceGuard guard(input.get_device_index());
   const RowLayout L{d.size, d.inner};
   cudaStream_t stream = current_stream(input);
   // W = sum of the class weights, computed on the device (no host sync).
@@ -270,13 +270,13 @@ Tensor stablemax_cross_entropy_backward_cuda(Tensor grad_rows, Tensor input, Ten
     const A* wsum = weight_sum.has_value() ? weight_sum->const_data_ptr<A>() : nullptr;
     const bool scalar = grad_rows.numel() == 1 && d.rows() != 1;
     dispatch_group(L, d.rows(), [&](auto g, unsigned grid) {
-      ce_backward_kernel<decltype(g)::value, scalar_t><<<grid, kBlock, 0, stream>>>(
-          grad_rows.const_data_ptr<A>(), scalar, input.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(),
+      launch<ce_backward_kernel<decltype(g)::value, scalar_t>>(
+          grid, kBlock, 0, stream, grad_rows.const_data_ptr<A>(), scalar, input.const_data_ptr<scalar_t>(),
+          target.const_data_ptr<int64_t>(),
           wp, wsum, stats.const_data_ptr<A>(), gx.mutable_data_ptr<scalar_t>(), L, d.rows(), ignore_index,
           label_smoothing);
     });
   });
-  LF_CHECK_LAUNCH(op);
   return gx;
 }
 
@@ -333,7 +333,7 @@ __global__ void orthograd_apply_kernel(const T* __restrict__ w, T* __restrict__ 
                                        const double* __restrict__ sums) {
   using A = typename Acc<T>::type;
   const A proj = static_cast<A>(sums[0] / (sums[1] + 1e-30));
-  const A scale = static_cast<A>(sqrt(sums[2]) / (sqrt(sums[3]) + 1e-30));
+  const A scale = static_cast<A>(orthograd_scale<A>(sums[2], sums[3]));
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
     g[i] = static_cast<T>(orthograd_perp(w, g, i, proj) * scale);
 }
@@ -342,18 +342,17 @@ void orthograd_cuda(Tensor grad, Tensor param) {
   check_orthograd_args(grad, param, true);
   const int64_t n = grad.numel();
   if (n == 0) return;
-  torch::stable::accelerator::DeviceGuard guard(grad.get_device_index());
+  DeviceGuard guard(grad.get_device_index());
   cudaStream_t stream = current_stream(grad);
   Tensor sums = torch::stable::new_zeros(grad, {4}, ScalarType::Double);
   const unsigned grid = (unsigned)std::min<int64_t>(ceil_div(n, kBlock), 1024);
   LF_DISPATCH_FLOATING(grad.scalar_type(), "orthograd_", [&] {
     const scalar_t* w = param.const_data_ptr<scalar_t>();
     double* s = sums.mutable_data_ptr<double>();
-    orthograd_dots_kernel<scalar_t><<<grid, kBlock, 0, stream>>>(w, grad.const_data_ptr<scalar_t>(), n, s);
-    orthograd_perp_norm_kernel<scalar_t><<<grid, kBlock, 0, stream>>>(w, grad.const_data_ptr<scalar_t>(), n, s);
-    orthograd_apply_kernel<scalar_t><<<grid, kBlock, 0, stream>>>(w, grad.mutable_data_ptr<scalar_t>(), n, s);
+    launch<orthograd_dots_kernel<scalar_t>>(grid, kBlock, 0, stream, w, grad.const_data_ptr<scalar_t>(), n, s);
+    launch<orthograd_perp_norm_kernel<scalar_t>>(grid, kBlock, 0, stream, w, grad.const_data_ptr<scalar_t>(), n, s);
+    launch<orthograd_apply_kernel<scalar_t>>(grid, kBlock, 0, stream, w, grad.mutable_data_ptr<scalar_t>(), n, s);
   });
-  LF_CHECK_LAUNCH("orthograd_");
 }
 
 }  // namespace
