@@ -9,6 +9,7 @@ sensitivity): err <= C * eps(dtype) * kappa, kappa = 1 + sigma_max(G)^2 / (s dam
 import collections
 import copy
 import datetime
+import math
 import os
 import tempfile
 
@@ -531,6 +532,108 @@ def test_window_bad_input():
         mfac.SlidingWindowIHVP(10, 3, device="meta")
 
 
+def _window_state(W):
+    return [t.clone() for t in (W.G, W.gram, W.U)] + [W.count, W.since_refactor]
+
+
+def _same_state(a, b):
+    return all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(a, b))
+
+
+BAD_VALUES = [math.nan, math.inf, -math.inf, 3e20]  # 3e20: finite, but its square overflows float32
+
+
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("warmup", ["scaled", "zeros"])
+@pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16])
+def test_window_bad_gradient_changes_nothing(m, warmup, storage, gen):
+    """A NaN, inf or float32-overflowing gradient raises before the window changes (first step included);
+    a loop that skips it goes on exactly as if it had never been passed. It used to be written into G
+    (and the Gram matrix), poisoning the next m - 1 steps, or, at the first step or with m = 1, to return
+    NaN silently."""
+    dim = 50
+    good = [randn(dim, gen=gen).float() for _ in range(2 * m + 3)]
+    W = mfac.SlidingWindowIHVP(dim, m, 1e-3, storage_dtype=storage, warmup=warmup)
+    clean = mfac.SlidingWindowIHVP(dim, m, 1e-3, storage_dtype=storage, warmup=warmup)
+    for step, g in enumerate(good):
+        for value in BAD_VALUES if step in (0, m + 1) else []:
+            bad = g.clone()
+            bad[7] = value
+            before = _window_state(W)
+            for call in (W.update, W.update_mul):
+                with pytest.raises(ValueError, match="non-finite entry|too large for the float32"):
+                    call(bad)
+                assert _same_state(_window_state(W), before)
+        assert torch.equal(W.update_mul(g), clean.update_mul(g))
+    assert _same_state(_window_state(W), _window_state(clean))
+
+
+def test_window_bad_gradient_messages(gen):
+    W = mfac.SlidingWindowIHVP(6, 2)
+    g = torch.ones(6)
+    g[3] = math.inf
+    with pytest.raises(ValueError, match=r"g has a non-finite entry \(inf at flat index 3\): nothing was changed"):
+        W.update(g)
+    g[3] = 1e18
+    with pytest.raises(ValueError, match=r"magnitude 1e\+18 .* too large for the float32 accumulation .* use float64"):
+        W.update(g)
+    W64 = mfac.SlidingWindowIHVP(6, 2, dtype=F64)
+    W64.update(g.double())  # float64 accumulates it without overflow
+    assert torch.isfinite(W64.update_mul(torch.ones(6, dtype=F64))).all()
+
+
+def test_window_interrupted_insert_restores_everything(gen, monkeypatch):
+    """Whatever raises inside an insertion after G has changed (a factor that is not positive definite, an
+    interrupt) restores the window to its state before the call."""
+    W = mfac.SlidingWindowIHVP(30, 3, 1e-3, F64)
+    for _ in range(5):
+        W.update(randn(30, gen=gen))
+    before = _window_state(W)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mfac.SlidingWindowIHVP, "_solve", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        W.update_mul(randn(30, gen=gen))
+    assert _same_state(_window_state(W), before)
+    monkeypatch.undo()
+    monkeypatch.setattr(mfac, "_cholesky_upper", lambda K, what: (_ for _ in ()).throw(RuntimeError("not PD")))
+    W.refactor_every = 1  # the next update refactors
+    with pytest.raises(RuntimeError, match="not PD"):
+        W.update(randn(30, gen=gen))
+    assert _same_state(_window_state(W), before)
+
+
+def test_window_load_state_dict_checks_everything_first(gen):
+    W = mfac.SlidingWindowIHVP(20, 3, 1e-3, F64)
+    for _ in range(4):
+        W.update(randn(20, gen=gen))
+    good = copy.deepcopy(W.state_dict())
+    target = mfac.SlidingWindowIHVP(20, 3, 1e-3, F64)
+    target.update(randn(20, gen=gen))
+    before = _window_state(target)
+    cases = {
+        "gram": (torch.zeros(3, 4, dtype=F64), r"state_dict\['gram'\] must be a torch.float64 tensor of shape \(3, 3\)"),
+        "U": (torch.full((3, 3), math.nan, dtype=F64), r"state_dict\['U'\] has NaN or inf"),
+        "G": (torch.zeros(3, 20), r"state_dict\['G'\] must be a torch.float64 tensor"),
+        "count": (-5, r"state_dict\['count'\] must be an int >= 0, got -5"),
+        "since_refactor": (1.5, r"state_dict\['since_refactor'\] must be an int >= 0"),
+    }
+    for key, (value, match) in cases.items():
+        bad = copy.deepcopy(good)
+        bad[key] = value
+        with pytest.raises(ValueError, match=match):
+            target.load_state_dict(bad)
+        assert _same_state(_window_state(target), before), key
+    bad = copy.deepcopy(good)
+    del bad["U"]
+    with pytest.raises(ValueError, match=r"state_dict lacks \['U'\]"):
+        target.load_state_dict(bad)
+    target.load_state_dict(good)
+    assert _same_state(_window_state(target), _window_state(W))
+
+
 # ---- optim.MFAC -----------------------------------------------------------------------------------
 
 def _params(gen, dtype=F64):
@@ -664,6 +767,79 @@ def test_optimizer_bad_input(gen):
         sd = opt.state_dict()
         del sd["state"]["mfac"]
         opt.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("momentum,weight_decay", [(0.0, 0.0), (0.9, 0.01)])
+def test_optimizer_skips_a_bad_step_like_amp(momentum, weight_decay, gen):
+    """An AMP-style loop: a step whose gradient has inf or NaN raises before anything changes (window,
+    factor, count, momentum, parameters); the loop skips it and the run continues bit for bit as one that
+    never saw that step. It used to poison the window for the next ngrads - 1 steps."""
+    def make(ps):
+        return MFAC(ps, lr=0.05, ngrads=4, damp=1e-3, momentum=momentum, weight_decay=weight_decay)
+
+    p1 = _params(gen, torch.float32)
+    p2 = [p.detach().clone().requires_grad_() for p in p1]
+    o1, o2 = make(p1), make(p2)
+    for step in range(10):
+        gs = [randn(*p.shape, gen=gen).float() for p in p1]
+        if step in (0, 3, 7):  # the first step too
+            bad = [g.clone() for g in gs]
+            bad[step % 4].view(-1)[0] = math.inf if step != 3 else math.nan
+            for p, g in zip(p1, bad):
+                p.grad = g
+            params_before = [p.detach().clone() for p in p1]
+            window_before = _window_state(o1._window)
+            with pytest.raises(ValueError, match=rf"MFAC: the gradient of param_groups\[0\]\['params'\]\[{step % 4}\] "
+                                                 r"has a non-finite entry .*nothing was changed"):
+                o1.step()
+            assert all(torch.equal(p, q) for p, q in zip(p1, params_before))
+            assert _same_state(_window_state(o1._window), window_before)
+        for p, q, g in zip(p1, p2, gs):
+            p.grad, q.grad = g.clone(), g.clone()
+        o1.step()
+        o2.step()
+    assert all(torch.equal(p, q) for p, q in zip(p1, p2))
+    if momentum:
+        assert torch.equal(o1._momentum_buffer, o2._momentum_buffer)
+    # a non-finite parameter with weight decay: the inserted g + wd p would not be finite
+    if weight_decay:
+        with torch.no_grad():
+            p1[2].view(-1)[1] = math.nan
+        with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[2\] \(added to its gradient"):
+            o1.step()
+
+
+def test_optimizer_load_state_dict_checks_everything_first(gen):
+    """A state_dict whose window does not fit raises before lr, momentum or the window change; step() then
+    runs as before. It used to replace lr and momentum first."""
+    p = _params(gen, torch.float32)
+    opt = MFAC(p, lr=0.05, ngrads=4, damp=1e-3, momentum=0.5)
+    for _ in range(3):
+        for q in p:
+            q.grad = randn(*q.shape, gen=gen).float()
+        opt.step()
+    other = MFAC([q.detach().clone().requires_grad_() for q in p], lr=0.9, ngrads=5, damp=1e-3, momentum=0.1)
+    sd = copy.deepcopy(other.state_dict())
+    before = (copy.deepcopy(opt.param_groups[0]["lr"]), opt.param_groups[0]["momentum"], _window_state(opt._window))
+    with pytest.raises(ValueError, match="MFAC.load_state_dict: state_dict has m=5, this window has 4"):
+        opt.load_state_dict(sd)
+    assert (opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"]) == before[:2]
+    assert _same_state(_window_state(opt._window), before[2])
+    good = copy.deepcopy(opt.state_dict())
+    for key, value, match in [("lr", -1.0, "lr must be a float >= 0"), ("momentum", 1.0, r"momentum must be in \[0, 1\)")]:
+        bad = copy.deepcopy(good)
+        bad["param_groups"][0][key] = value
+        with pytest.raises(ValueError, match=match):
+            opt.load_state_dict(bad)
+        assert (opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"]) == before[:2]
+    bad = copy.deepcopy(good)
+    bad["state"]["mfac"]["momentum_buffer"] = torch.full_like(opt._momentum_buffer, math.inf)
+    with pytest.raises(ValueError, match="momentum_buffer has NaN or inf"):
+        opt.load_state_dict(bad)
+    for q in p:
+        q.grad = randn(*q.shape, gen=gen).float()
+    opt.step()
+    assert all(torch.isfinite(q).all() for q in p)
 
 
 # ---- every device (the same checks run on CUDA on the GPU machine) --------------------------------

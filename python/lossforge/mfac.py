@@ -176,6 +176,43 @@ def _check_vector(x, d: int, dtype: torch.dtype, device: torch.device, name: str
     return x.contiguous()
 
 
+# The largest |entry| a vector inserted into a window may have: pass 1 adds up to 4096 products of two
+# such entries per column chunk in the compute dtype, which must not overflow (float32: 2^56 ~ 7.2e16,
+# so a chunk sums to at most 2^124; float64: 2^500).
+_MAX_INSERTED = {torch.float32: 2.0 ** 56, torch.float64: 2.0 ** 500}
+
+
+def _check_insertable(segments, dtype: torch.dtype) -> None:
+    """Raises ValueError, before anything changes, when a vector a window would insert (grads + weight_decay
+    * params, per segment) has a NaN or inf, or an entry too large for the compute dtype's accumulation.
+    segments: [(grads, params, weight_decay)], grads and params lists of (name, tensor). One reduction and
+    one host sync."""
+    def amax(named, device):
+        vals = [t.abs().amax() for _, t in named if t.numel()]
+        return torch.stack(vals).amax() if vals else torch.zeros((), dtype=dtype, device=device)
+
+    bounds = []
+    for grads, params, wd in segments:
+        if grads:
+            device = grads[0][1].device
+            bounds.append(amax(grads, device) + wd * amax(params, device) if wd else amax(grads, device))
+    if not bounds:
+        return
+    bound = float(torch.stack(bounds).amax())
+    if bound <= _MAX_INSERTED[dtype]:  # False for NaN
+        return
+    for grads, params, wd in segments:
+        for name, t in grads + (params if wd else []):
+            bad = ~torch.isfinite(t.reshape(-1))
+            if bool(bad.any()):
+                j = int(bad.nonzero()[0, 0])
+                raise ValueError(f"{name} has a non-finite entry ({float(t.reshape(-1)[j])} at flat index {j}): "
+                                 "nothing was changed (skip this step, as AMP's GradScaler does)")
+    raise ValueError(f"an entry of magnitude {bound:.3g} (gradient plus weight decay) is too large for the "
+                     f"{str(dtype).replace('torch.', '')} accumulation of the window's dot products (at most "
+                     f"{_MAX_INSERTED[dtype]:.3g}); nothing was changed: scale the loss down, or use float64")
+
+
 def _blocked_columns(d: int, m: int, budget: int = 1 << 24):
     """Column ranges of G [m, d] with at most ~budget elements each (bounded float64 temporaries)."""
     step = max(1, budget // max(m, 1))
@@ -390,13 +427,29 @@ class SlidingWindowIHVP:
 
     def _refactor(self):
         n = self.size
-        self.U.zero_()
         if n:
             idx = self._order()
             K = self.gram[idx][:, idx]
             K.diagonal().add_(self.scale * self.damp)
-            self.U[:n, :n] = _cholesky_upper(K, "SlidingWindowIHVP")
+            U = _cholesky_upper(K, "SlidingWindowIHVP")  # raises before U changes
+            self.U.zero_()
+            self.U[:n, :n] = U
+        else:
+            self.U.zero_()
         self.since_refactor = 0
+
+    def _snapshot(self):
+        """What an insertion changes: G's next row, the Gram row and column, the factor, the counters."""
+        r = self.count % self.m
+        return r, self.G[r].clone(), self.gram[r].clone(), self.U.clone(), self.count, self.since_refactor
+
+    def _restore(self, snap):
+        r, row, gram_row, U, count, since = snap
+        self.G[r] = row
+        self.gram[r] = gram_row
+        self.gram[:, r] = gram_row
+        self.U.copy_(U)
+        self.count, self.since_refactor = count, since
 
     def _insert(self, segments) -> torch.Tensor:
         """Pass 1 with the insertion. segments: [(col, len, grads, params, weight_decay)] covering [0, dim).
@@ -442,14 +495,32 @@ class SlidingWindowIHVP:
         b[idx] = b_age
         return b.T.reshape(t.shape).to(self.dtype).contiguous()
 
+    def _insert_and_solve(self, segments):
+        """Inserts (see _insert) and returns b = K^-1 t for the new window. All or nothing: whatever raises
+        on the way (a factor that is not positive definite, an interrupt) restores the window."""
+        snap = self._snapshot()
+        try:
+            return self._solve(self._insert(segments))
+        except BaseException:
+            self._restore(snap)
+            raise
+
     # -- public API --
     def update(self, g: torch.Tensor) -> None:
-        """Insert g [dim] into the window (replacing the oldest gradient once the window is full)."""
+        """Insert g [dim] into the window (replacing the oldest gradient once the window is full).
+
+        A g with NaN or inf (or, in float32, an entry above 2^56) raises ValueError and changes nothing,
+        so a training loop can skip that step and go on."""
         g = self._check_g(g)
-        self._insert([(0, self.dim, [g], [], 0.0)])
+        snap = self._snapshot()
+        try:
+            self._insert([(0, self.dim, [g], [], 0.0)])
+        except BaseException:
+            self._restore(snap)
+            raise
 
     def update_mul(self, g: torch.Tensor) -> torch.Tensor:
-        """Insert g, then return F^-1 g with the new window (one pass 1, one pass 2).
+        """Insert g, then return F^-1 g with the new window (one pass 1, one pass 2). Bad g: as `update`.
 
         With bfloat16 storage this is F^-1 g_s with g_s = g.bfloat16(), the gradient as the window holds
         it: g_s lies in the window's span, while the rounding residual g - g_s does not, and F^-1 would
@@ -457,9 +528,8 @@ class SlidingWindowIHVP:
         """
         g = self._check_g(g)
         r = self.count % self.m
-        t = self._insert([(0, self.dim, [g], [], 0.0)])
+        b = self._insert_and_solve([(0, self.dim, [g], [], 0.0)])
         G = self.G[: self._rows()]
-        b = self._solve(t)
         x = g if self.storage_dtype == self.dtype else self.G[r].to(self.dtype)
         return ops.mfac_gemv_t(G, b, x, -1.0 / self.damp, 1.0 / self.damp)
 
@@ -478,6 +548,7 @@ class SlidingWindowIHVP:
         g = _check_vector(g, self.dim, self.dtype, self.device, "g")
         if g.dim() != 1:
             raise ValueError(f"g must have shape [{self.dim}], got {tuple(g.shape)}")
+        _check_insertable([([("g", g)], [], 0.0)], self.dtype)  # NaN/inf raises before anything changes
         return g
 
     # -- state --
@@ -487,18 +558,39 @@ class SlidingWindowIHVP:
                 "since_refactor": self.since_refactor, "m": self.m, "dim": self.dim, "damp": self.damp,
                 "warmup": self.warmup, "storage_dtype": str(self.storage_dtype).replace("torch.", "")}
 
-    def load_state_dict(self, state: dict) -> None:
+    def _check_state(self, state) -> None:
+        """Raises ValueError/TypeError unless `state` is a state_dict this window can load as it is."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state).__name__}")
+        missing = [k for k in ("G", "gram", "U", "count", "since_refactor", "m", "dim", "damp", "warmup",
+                               "storage_dtype") if k not in state]
+        if missing:
+            raise ValueError(f"state_dict lacks {missing} (not saved by SlidingWindowIHVP.state_dict)")
         for key in ("m", "dim", "damp", "warmup"):  # the factor U holds s * damp on its diagonal
-            if state.get(key) != getattr(self, key):
-                raise ValueError(f"state_dict has {key}={state.get(key)!r}, this window has {getattr(self, key)!r}")
-        if state.get("storage_dtype") != str(self.storage_dtype).replace("torch.", ""):
-            raise ValueError(f"state_dict has storage_dtype={state.get('storage_dtype')!r}, this window stores "
+            if state[key] != getattr(self, key):
+                raise ValueError(f"state_dict has {key}={state[key]!r}, this window has {getattr(self, key)!r}")
+        if state["storage_dtype"] != str(self.storage_dtype).replace("torch.", ""):
+            raise ValueError(f"state_dict has storage_dtype={state['storage_dtype']!r}, this window stores "
                              f"{self.storage_dtype}")
         for key in ("G", "gram", "U"):
-            src = state[key]
-            dst = getattr(self, key)
-            if not isinstance(src, torch.Tensor) or src.shape != dst.shape:
-                raise ValueError(f"state_dict[{key!r}] must be a tensor of shape {tuple(dst.shape)}")
-            dst.copy_(src)
-        self.count = int(state["count"])
-        self.since_refactor = int(state["since_refactor"])
+            src, dst = state[key], getattr(self, key)
+            if not isinstance(src, torch.Tensor) or src.shape != dst.shape or src.dtype != dst.dtype:
+                got = (f"{src.dtype} of shape {tuple(src.shape)}" if isinstance(src, torch.Tensor)
+                       else type(src).__name__)
+                raise ValueError(f"state_dict[{key!r}] must be a {dst.dtype} tensor of shape {tuple(dst.shape)}, "
+                                 f"got {got}")
+            if not bool(torch.isfinite(src).all()):
+                raise ValueError(f"state_dict[{key!r}] has NaN or inf entries")
+        for key in ("count", "since_refactor"):
+            v = state[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"state_dict[{key!r}] must be an int >= 0, got {v!r}")
+
+    def load_state_dict(self, state: dict) -> None:
+        """Loads a state_dict of a window with the same m, dim, damp, warmup and storage dtype. Everything
+        is checked before anything changes: a state_dict that raises leaves the window as it was."""
+        self._check_state(state)
+        for key in ("G", "gram", "U"):
+            getattr(self, key).copy_(state[key])
+        self.count = state["count"]
+        self.since_refactor = state["since_refactor"]

@@ -75,7 +75,7 @@ class OrthoGrad(torch.optim.Optimizer):
         return f"OrthoGrad({self.base_optimizer!r})"
 
 # M-FAC
-from .mfac import SlidingWindowIHVP as _MFACWindow, _check_device  # noqa: E402
+from .mfac import SlidingWindowIHVP as _MFACWindow, _check_device, _check_insertable  # noqa: E402
 from ._ops import ops as _ops  # noqa: E402
 
 
@@ -175,18 +175,33 @@ class MFAC(torch.optim.Optimizer):
         return super().state_dict()
 
     def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
-        saved = self.state.get("mfac")
+        """Loads a state_dict saved by an MFAC over the same parameters, window and options. Everything is
+        checked first (the window, the momentum buffer, every group's lr, momentum and weight decay): a
+        state_dict that raises leaves the optimizer as it was."""
+        where = "MFAC.load_state_dict: "
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict) or \
+                not isinstance(state_dict.get("param_groups"), list):
+            raise ValueError(where + "expected an optimizer state_dict (keys 'state' and 'param_groups')")
+        saved = state_dict["state"].get("mfac")
         if not isinstance(saved, dict) or "window" not in saved:
-            raise ValueError("MFAC.load_state_dict: the state_dict holds no M-FAC window (not saved by lossforge.optim.MFAC)")
-        self._window.load_state_dict(saved["window"])
+            raise ValueError(where + "the state_dict holds no M-FAC window (not saved by lossforge.optim.MFAC)")
+        try:
+            self._window._check_state(saved["window"])
+        except (TypeError, ValueError) as e:
+            raise type(e)(where + str(e)) from None
         buf = saved.get("momentum_buffer")
-        if buf is None:
-            self._momentum_buffer = None
-        else:
-            if buf.shape != (self._window.dim,):
-                raise ValueError(f"MFAC.load_state_dict: momentum_buffer must have shape [{self._window.dim}]")
-            self._momentum_buffer = buf.to(device=self.device, dtype=self.dtype, copy=True)
+        if buf is not None:
+            if not isinstance(buf, torch.Tensor) or buf.shape != (self._window.dim,) or not buf.is_floating_point():
+                raise ValueError(where + f"momentum_buffer must be a floating tensor of shape [{self._window.dim}]")
+            if not bool(torch.isfinite(buf).all()):
+                raise ValueError(where + "momentum_buffer has NaN or inf entries")
+        for gi, group in enumerate(state_dict["param_groups"]):
+            if not isinstance(group, dict) or not {"lr", "momentum", "weight_decay"} <= group.keys():
+                raise ValueError(where + f"param_groups[{gi}] lacks lr, momentum or weight_decay")
+            _check_mfac_options(group["lr"], group["momentum"], group["weight_decay"], where + f"param_groups[{gi}]: ")
+        super().load_state_dict(state_dict)  # checks the groups' sizes before it changes anything
+        self._window.load_state_dict(saved["window"])
+        self._momentum_buffer = None if buf is None else buf.to(device=self.device, dtype=self.dtype, copy=True)
         self._sync_state()
 
     @torch.no_grad()
@@ -199,9 +214,9 @@ class MFAC(torch.optim.Optimizer):
             _check_mfac_options(group["lr"], group["momentum"], group["weight_decay"], f"MFAC: param_groups[{gi}]: ")
         win = self._window
         # This rank's share as per-group segments of parameter and gradient views (no copies).
-        segments = []
+        segments, checks = [], []
         for gi, group in enumerate(self.param_groups):
-            ps, gs, col, n = [], [], None, 0
+            ps, gs, col, n, names = [], [], None, 0, []
             for (g_i, pi, s, e, c) in self._pieces[self._rank]:
                 if g_i != gi:
                     continue
@@ -216,13 +231,17 @@ class MFAC(torch.optim.Optimizer):
                     raise TypeError(f"MFAC: a gradient is {grad.dtype}, expected {self.dtype}")
                 ps.append(p.view(-1)[s:e])
                 gs.append(grad.view(-1)[s:e])
+                names.append(f"param_groups[{gi}]['params'][{pi}]")
                 col = c if col is None else col
                 n += e - s
             if n:
                 segments.append((col, n, gs, ps, group))
-        t = win._insert([(col, n, gs, ps if group["weight_decay"] > 0 else [], group["weight_decay"])
-                         for col, n, gs, ps, group in segments])
-        b = win._solve(t)
+                checks.append(([(f"MFAC: the gradient of {k}", g) for k, g in zip(names, gs)],
+                               [(f"MFAC: {k} (added to its gradient by weight decay)", p) for k, p in zip(names, ps)],
+                               float(group["weight_decay"])))
+        _check_insertable(checks, self.dtype)  # NaN/inf raises here, before anything changes
+        b = win._insert_and_solve([(col, n, gs, ps if group["weight_decay"] > 0 else [], group["weight_decay"])
+                                   for col, n, gs, ps, group in segments])
         G = win.G[: win._rows()]
         if self._momentum_buffer is None and any(g["momentum"] > 0 for g in self.param_groups):
             self._momentum_buffer = torch.zeros(win.dim, dtype=self.dtype, device=self.device)
