@@ -148,6 +148,31 @@ def test_stablemax(backend, dtype, shape, dim, gen):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,dim", [s for s in STABLEMAX_SHAPES if s[0][-1] > 1 or s[1] == 0])
+def test_stablemax_rows_whose_sum_overflows(backend, dtype, shape, dim, gen):
+    """Rows of logits near the top of the float range: the sum is taken again, scaled (every group size;
+    the other rows of the warp take that branch too, since they share its shuffles)."""
+    x = logits(shape, gen, dtype)
+    big = torch.finfo(dtype).max
+    rows = x.movedim(dim, -1)  # a view, one row per index of the other dimensions
+    first, last = rows[(0,) * (rows.dim() - 1)], rows[(-1,) * (rows.dim() - 1)]
+    first[0], first[1], first[-1] = big, big, -big  # overflowing sums, and a class far below the others
+    last[:] = big / 2
+    tol = TOL[dtype] * 4
+    for log in (False, True):
+        check(backend, "stablemax", [x, dim, log], rtol=tol, atol=tol)
+    t_shape = shape[:dim] + shape[dim + 1:] if dim >= 0 else shape[:dim]
+    target = torch.randint(0, x.shape[dim], t_shape, generator=gen)
+    for eps in (0.0, 0.1):
+        loss, stats = CPU.stablemax_cross_entropy(x, target, None, dim, -100, eps)
+        check(backend, "stablemax_cross_entropy", [x, target, None, dim, -100, eps], rtol=tol, atol=tol)
+        g = torch.rand(t_shape, generator=gen, dtype=dtype)
+        check(backend, "stablemax_cross_entropy_backward", [g, x, target, None, stats, dim, -100, eps], rtol=tol,
+              atol=tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_stablemax_nan_and_inf_rows(backend):
     x = torch.tensor([[1.0, math.nan, 2.0], [1.0, math.inf, 0.0], [-math.inf, -math.inf, 3.0]])
     got = check(backend, "stablemax", [x, 1, False], rtol=1e-6, atol=1e-6)[0]
@@ -213,8 +238,12 @@ def clouds(B, N, M, d, gen, dtype, weights):
     x[:, -1] = x[:, 0]  # a tie between two points
     wx = torch.rand(B, N, generator=gen, dtype=torch.float64).to(dtype) if weights else None
     wy = torch.rand(B, M, generator=gen, dtype=torch.float64).to(dtype) if weights else None
-    if weights and N > 1:
-        wx[:, 1] = 0  # a zero-weight point
+    if weights and N > 2:
+        wx[:, 1] = 0  # zero-weight points: one far away (padding), one among the others
+        x[:, 1] *= 1e4
+        wx[:, 2] = 0
+    if weights and M > 1:
+        wy[:, 0] = 0
     return x, y, wx, wy
 
 

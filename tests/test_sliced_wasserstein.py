@@ -274,6 +274,43 @@ def test_zero_weight_points_do_not_count(gen):
             assert g[0, k].item() == pytest.approx(fd.item(), rel=1e-4, abs=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("p", [1.0, 2.0, 1.5])
+def test_zero_weight_point_anywhere_changes_nothing(dtype, p, device, gen):
+    """A point of weight 0 (a padding sentinel) at any coordinates, on either side, leaves the value and
+    every other point's gradients (points and weights) as they are. The rounding sliver of the cumulative
+    weights used to be charged to the last sorted atom: a sentinel at 1e8 there moved the value (by up to
+    47x), and the huge trade at its boundary cancelled in the weight gradients of all the others."""
+    for trial in range(40):
+        N, M, d, L = 7, 5, 3, 4
+        x, y, wx, wy = clouds(1, N, M, d, gen, weights=True, dtype=dtype)
+        P = rand_proj(d, L, gen, dtype=dtype)
+        far = [1e8, -1e8, 1e4, 3.0][trial % 4]
+        side = trial % 3  # sentinels in x, in y, or in both
+        kx, ky = int(torch.randint(0, N + 1, (1,), generator=gen)), int(torch.randint(0, M + 1, (1,), generator=gen))
+
+        def pad(c, w, k):
+            point = torch.full((1, 1, d), far, dtype=dtype) * (1 - 2 * torch.rand(1, 1, d, generator=gen, dtype=dtype))
+            return torch.cat([c[:, :k], point, c[:, k:]], 1), torch.cat([w[:, :k], w.new_zeros(1, 1), w[:, k:]], 1)
+
+        x2, wx2 = pad(x, wx, kx) if side != 1 else (x, wx)
+        y2, wy2 = pad(y, wy, ky) if side != 0 else (y, wy)
+        keep_x = [i for i in range(x2.shape[1]) if side == 1 or i != kx]
+        keep_y = [j for j in range(y2.shape[1]) if side == 0 or j != ky]
+        args = [t.to(device) for t in (x, y, wx, wy, P)]
+        args2 = [t.to(device) for t in (x2, y2, wx2, wy2, P)]
+        a = [t.cpu() for t in ops.sliced_wasserstein(*args, p, True, True, True)]
+        b = [t.cpu() for t in ops.sliced_wasserstein(*args2, p, True, True, True)]
+        tol = 1e-10 if dtype == F64 else 2e-4
+        torch.testing.assert_close(b[0], a[0], rtol=tol, atol=tol)
+        torch.testing.assert_close(b[1][:, keep_x], a[1], rtol=tol, atol=tol)
+        torch.testing.assert_close(b[2][:, keep_y], a[2], rtol=tol, atol=tol)
+        torch.testing.assert_close(b[3][:, keep_x], a[3], rtol=tol * 100, atol=tol * 100)
+        torch.testing.assert_close(b[4][:, keep_y], a[4], rtol=tol * 100, atol=tol * 100)
+        if side != 1:
+            assert (b[1][:, kx] == 0).all()  # the sentinel itself gets no point gradient
+
+
 def test_reductions_single_pair_and_generated_projections(gen):
     x, y, _, _ = clouds(3, 20, 20, 3, gen)
     P = rand_proj(3, 9, gen)

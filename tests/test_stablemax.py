@@ -119,6 +119,39 @@ def test_stablemax_backward_matches_oracle(gen, device):
         torch.testing.assert_close(ours.cpu(), expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("V", [2, 5, 3000])  # 3000 > 2048: the whole-block CUDA path
+def test_top_of_the_float_range(dtype, V, gen, device):
+    """Logits near the top of the float range: wherever the exact result is finite and representable, it
+    is returned. The sum of s(x) used to overflow (stablemax([[3e38, 3e38]]) was NaN for 0.5, 0.5), and so
+    did S_-y / s_y (the float32 loss of [[m, -m]] with target 1 was inf from m = 2e19 for about 89)."""
+    big = torch.finfo(dtype).max
+    rows = [[big / 2, big / 2], [big, big], [2e19, -2e19], [1e30, -1e30], [big / 3, -big / 3], [big, 1.0]]
+    x = torch.stack([torch.tensor(r + [0.5] * (V - 2), dtype=torch.float64) for r in rows])
+    x[:, 2:] += torch.randn(len(rows), V - 2, generator=gen, dtype=torch.float64)
+    if V > 2:
+        x[1, 2] = big  # three logits at the maximum
+    x = x.to(dtype)
+    tol = TOL[dtype]  # log S and log s(x) of about 89 (float32) or 710 (float64) round to a few of their ulps
+    t = transformed(x.double())
+    for log, fn, ref in ((False, lossforge.stablemax, torch.softmax), (True, lossforge.log_stablemax, torch.log_softmax)):
+        got = fn(x.to(device), dim=1).cpu().double()
+        torch.testing.assert_close(got, ref(t, 1), rtol=tol, atol=tol)
+    for target in (torch.ones(len(rows), dtype=torch.long), torch.zeros(len(rows), dtype=torch.long)):
+        for eps in (0.0, 0.1):
+            xd = x.to(device).clone().requires_grad_()
+            loss = lossforge.stablemax_cross_entropy(xd, target.to(device), reduction="none", label_smoothing=eps)
+            (g,) = torch.autograd.grad(loss.sum(), xd)
+            want, tr = oracle_ce(x, target, reduction="none", label_smoothing=eps)
+            assert torch.isfinite(loss).all()
+            torch.testing.assert_close(loss.cpu().double(), want, rtol=tol, atol=tol)
+            torch.testing.assert_close(g.cpu().double(), tr.grad(want.sum()), rtol=tol, atol=1e-30)
+    # a +inf logit still makes its row NaN, as with softmax
+    x[0, 0] = math.inf
+    assert torch.isnan(lossforge.stablemax(x.to(device), dim=1)[0]).all()
+    assert torch.isfinite(lossforge.stablemax(x.to(device), dim=1)[1:]).all()
+
+
 # ---- cross-entropy against the F.cross_entropy oracle -----------------------------------------------
 
 LAYOUTS = [

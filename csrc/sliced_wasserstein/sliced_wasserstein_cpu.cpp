@@ -163,6 +163,46 @@ struct TaskOut {
   double* vals;   // this pair's [L] slice values
 };
 
+// Cumulative weights A[i] = a_(0) + ... + a_(i) of the sorted atoms (uniform 1/n without weights). Their
+// total is 1 up to rounding: every entry at the final total (the last atom of positive weight and the
+// zero-weight atoms sorted after it) is set to exactly 1, so that no rounding sliver is charged to a
+// zero-weight atom (a padding point far away would otherwise change the value).
+template <typename T>
+void cumulative_weights(double* A, const T* w, const uint32_t* idx, int64_t n, double inv_sum) {
+  double acc = 0;
+  if (w) {
+    for (int64_t i = 0; i < n; ++i) A[i] = (acc += static_cast<double>(w[idx[i]]) * inv_sum);
+  } else {
+    for (int64_t i = 0; i < n; ++i) A[i] = static_cast<double>(i + 1) / static_cast<double>(n);
+  }
+  const double total = A[n - 1];
+  for (int64_t i = n - 1; i >= 0 && A[i] == total; --i) A[i] = 1.0;
+}
+
+// The slice's d W / d a_(k) into g (scaled by invL), up to a constant shared by every atom, which the
+// normalisation removes: the change of W per unit of mass moved to atom k from the reference atom r, the
+// last of positive weight (the first with A == 1). For k <= r the boundaries A_k .. A_{r-1} move up
+// (dA[i]: d W / d A_i from the merge; at A_i = 0, before the first atom of positive weight, the boundary
+// meets the first v of positive weight); for k > r (zero weight, sorted after r) the mass moves from u_r
+// to u_k at the top, against the last v of positive weight. The boundaries at the top are never summed
+// into an atom of positive weight: a zero-weight atom far away leaves their gradients as they are.
+template <typename T>
+void weight_gradient(const double* A, const T* u, int64_t n, const double* B, const T* v, int64_t m,
+                     const double* dA, const PowP<T>& pw, const uint32_t* idx, double invL, double* g) {
+  auto cost = [&](T a, T b) { return static_cast<double>(pw.value(a - b)); };
+  const int64_t r = std::lower_bound(A, A + n, 1.0) - A;
+  const int64_t z = std::upper_bound(A, A + n, 0.0) - A;
+  const T v_first = v[std::upper_bound(B, B + m, 0.0) - B];
+  const T v_top = v[std::lower_bound(B, B + m, 1.0) - B];
+  double suffix = 0;
+  for (int64_t k = r; k >= 0; --k) {
+    if (k < r) suffix += k < z ? cost(u[k], v_first) - cost(u[k + 1], v_first) : dA[k];
+    g[idx[k]] += suffix * invL;
+  }
+  const double top = cost(u[r], v_top);
+  for (int64_t k = r + 1; k < n; ++k) g[idx[k]] += (cost(u[k], v_top) - top) * invL;
+}
+
 // One slice l of one pair: projects, sorts, computes W_p^p into out.vals[l] and adds this slice's share
 // (1/L) of the gradients to the task's accumulators. Returns false if a projected value is not finite.
 template <typename T>
@@ -212,20 +252,8 @@ bool run_slice(Scratch<T>& s, const Pair<T>& pr, const Options& o, const PowP<T>
     // General: merge the cumulative weights of the two sorted sides in one walk.
     double* A = s.Ax.data();
     double* Bc = s.By.data();
-    double acc = 0;
-    if (pr.wx) {
-      for (int64_t i = 0; i < N; ++i) A[i] = (acc += static_cast<double>(pr.wx[ix[i]]) * pr.inv_sx);
-    } else {
-      for (int64_t i = 0; i < N; ++i) A[i] = static_cast<double>(i + 1) / static_cast<double>(N);
-    }
-    A[N - 1] = 1.0;  // the total is 1 by construction; rounding must not leave a sliver at the end
-    acc = 0;
-    if (pr.wy) {
-      for (int64_t j = 0; j < M; ++j) Bc[j] = (acc += static_cast<double>(pr.wy[iy[j]]) * pr.inv_sy);
-    } else {
-      for (int64_t j = 0; j < M; ++j) Bc[j] = static_cast<double>(j + 1) / static_cast<double>(M);
-    }
-    Bc[M - 1] = 1.0;
+    cumulative_weights(A, pr.wx, ix, N, pr.inv_sx);
+    cumulative_weights(Bc, pr.wy, iy, M, pr.inv_sy);
     const bool gw = o.grad_weights;
     double* gu = s.gu.data();
     double* gv = s.gv.data();
@@ -260,35 +288,14 @@ bool run_slice(Scratch<T>& s, const Pair<T>& pr, const Options& o, const PowP<T>
       if (a <= b) ++i;
       if (b <= a) ++j;
     }
-    // Atoms left over (zero weight at the top end) meet the last atom of the other side.
-    if (gw) {
-      for (; i + 1 < N; ++i) dA[i] = static_cast<double>(pw.value(u[i] - v[M - 1])) -
-                                     static_cast<double>(pw.value(u[i + 1] - v[M - 1]));
-      for (; j + 1 < M; ++j) dB[j] = static_cast<double>(pw.value(v[j] - u[N - 1])) -
-                                     static_cast<double>(pw.value(v[j + 1] - u[N - 1]));
-    }
     out.vals[l] = W;
     if (grad_pos) {
       for (int64_t k = 0; k < N; ++k) cx[ix[k]] = static_cast<T>(gu[k] * invL);
       for (int64_t k = 0; k < M; ++k) cy[iy[k]] = static_cast<T>(gv[k] * invL);
     }
     if (gw) {
-      // d W / d a_(k) = sum_{i >= k} d W / d A_i  (A_i = a_(0) + ... + a_(i); A_{n-1} = 1 is fixed, so
-      // dA[n-1] stays 0).
-      if (out.gax) {
-        double suffix = 0;
-        for (int64_t k = N - 1; k >= 0; --k) {
-          suffix += dA[k];
-          out.gax[ix[k]] += suffix * invL;
-        }
-      }
-      if (out.gay) {
-        double suffix = 0;
-        for (int64_t k = M - 1; k >= 0; --k) {
-          suffix += dB[k];
-          out.gay[iy[k]] += suffix * invL;
-        }
-      }
+      if (out.gax) weight_gradient(A, u, N, Bc, v, M, dA, pw, ix, invL, out.gax);
+      if (out.gay) weight_gradient(Bc, v, M, A, u, N, dB, pw, iy, invL, out.gay);
     }
   }
 
@@ -499,6 +506,7 @@ Outputs sliced_wasserstein_cpu(Tensor x, Tensor y, std::optional<Tensor> x_weigh
           const int64_t nblk = partials ? C : 1;
           double dot = 0;
           for (int64_t i = 0; i < n; ++i) {
+            if (w[i] == T(0)) continue;  // its g may be inf (a padding point far away): 0 * inf is NaN
             double g = 0;
             for (int64_t c = 0; c < nblk; ++c) g += ga[(b * nblk + c) * n + i];
             dot += g * static_cast<double>(w[i]) * inv;

@@ -238,10 +238,14 @@ sw_kernel(const T* __restrict__ x, const T* __restrict__ y, const T* __restrict_
       __syncthreads();
       block_scan(w.A, N, false, w.red);
       block_scan(w.Bc, M, false, w.red);
-      if (tid == 0) {
-        w.A[N - 1] = T(1);  // the totals are 1: rounding must not leave a sliver at the end
-        w.Bc[M - 1] = T(1);
-      }
+      // The totals are 1 up to rounding: the entries at the total (the last atom of positive weight and the
+      // zero-weight atoms after it) become exactly 1, so that no sliver is charged to a zero-weight atom.
+      const T total_a = w.A[N - 1], total_b = w.Bc[M - 1];
+      __syncthreads();  // every thread has read the totals
+      for (int i = tid; i < N; i += kThreads)
+        if (w.A[i] == total_a) w.A[i] = T(1);
+      for (int j = tid; j < M; j += kThreads)
+        if (w.Bc[j] == total_b) w.Bc[j] = T(1);
       __syncthreads();
       // Every merged piece lies in exactly one u-step (A_{i-1}, A_i] and one v-step (B_{j-1}, B_j]; the
       // u side sums the cost, each side its own derivative (each piece is visited once per side).
@@ -259,10 +263,11 @@ sw_kernel(const T* __restrict__ x, const T* __restrict__ y, const T* __restrict_
         }
         w.cu[i] = gu * invL;
         if (s.grad_weights) {
-          // d W / d A_i: the v atom active at A_i trades u_(i+1) for u_(i) (A_{N-1} = 1 is fixed)
+          // d W / d A_i: the v atom active at A_i trades u_(i+1) for u_(i); at A_i = 0 the first v of positive
+          // weight. 0 at the top (A_i = 1): see weight_gradient in sliced_wasserstein_cpu.cpp.
           T dA = 0;
-          if (i + 1 < N) {
-            const T v = w.ky[min(bound(w.Bc, M, hi, false), M - 1)];
+          if (hi < T(1)) {
+            const T v = w.ky[hi == T(0) ? bound(w.Bc, M, T(0), true) : bound(w.Bc, M, hi, false)];
             dA = pw.value(u - v) - pw.value(w.kx[i + 1] - v);
           }
           w.dA[i] = dA;
@@ -280,8 +285,8 @@ sw_kernel(const T* __restrict__ x, const T* __restrict__ y, const T* __restrict_
         w.cv[j] = gv * invL;
         if (s.grad_weights) {
           T dB = 0;
-          if (j + 1 < M) {
-            const T u = w.kx[min(bound(w.A, N, hi, false), N - 1)];
+          if (hi < T(1)) {
+            const T u = w.kx[hi == T(0) ? bound(w.A, N, T(0), true) : bound(w.A, N, hi, false)];
             dB = pw.value(v - u) - pw.value(w.ky[j + 1] - u);
           }
           w.dB[j] = dB;
@@ -314,13 +319,20 @@ sw_kernel(const T* __restrict__ x, const T* __restrict__ y, const T* __restrict_
       }
     }
     if (s.grad_weights) {
-      // d W / d a_(k) = sum_{i >= k} d W / d A_i: suffix sums, then scattered to the points (scaled 1/L)
+      // d W / d a_(k) up to a constant (see weight_gradient in sliced_wasserstein_cpu.cpp): with r the last atom
+      // of positive weight, sum_{k <= i < r} d W / d A_i for k <= r (suffix sums), c(u_k - v_top) - c(u_r - v_top)
+      // for k > r. The atoms r and v_top are read here, before the scans' barriers.
+      const int rx = bound(w.A, N, T(1), false), ry = bound(w.Bc, M, T(1), false);
+      const T x_top = w.ky[ry], y_top = w.kx[rx];
+      const T x_base = pw.value(w.kx[rx] - x_top), y_base = pw.value(w.ky[ry] - y_top);
       if (gwxb) block_scan(w.dA, N, true, w.red);
       if (gwyb) block_scan(w.dB, M, true, w.red);
       if (gwxb)
-        for (int i = tid; i < N; i += kThreads) gwxb[w.ix[i]] += w.dA[i] * invL;
+        for (int i = tid; i < N; i += kThreads)
+          gwxb[w.ix[i]] += (i <= rx ? w.dA[i] : pw.value(w.kx[i] - x_top) - x_base) * invL;
       if (gwyb)
-        for (int j = tid; j < M; j += kThreads) gwyb[w.iy[j]] += w.dB[j] * invL;
+        for (int j = tid; j < M; j += kThreads)
+          gwyb[w.iy[j]] += (j <= ry ? w.dB[j] : pw.value(w.ky[j] - y_top) - y_base) * invL;
     }
     // No barrier before the next slice: since the last barrier above, each thread reads only entries
     // i = tid, tid + kThreads, ... of the working arrays, the ones it writes first in the next projection.
@@ -379,6 +391,7 @@ finish_pairs_kernel(const double* __restrict__ vals, int64_t L, T* __restrict__ 
     const double is = inv[2 * b + side];
     double dot = 0;
     for (int64_t i = threadIdx.x; i < n; i += kThreads) {
+      if (w[b * n + i] == T(0)) continue;  // its g may be inf (a padding point far away): 0 * inf is NaN
       double g = 0;
       for (int64_t c = 0; c < C; ++c) g += static_cast<double>(part[(b * C + c) * n + i]);
       dot += g * static_cast<double>(w[b * n + i]) * is;

@@ -48,6 +48,27 @@ LF_HOST_DEVICE void s_and_h(T x, T& s_out, T& h_out) {
   h_out = r;
 }
 
+// A row whose sum S of s(x) overflows although no logit is +inf (logits near the top of the float range) is
+// summed again with every term scaled by this power of two, 2^-k with 2^(k-1) > V: each term is at most the
+// largest float, so the scaled sum is finite, and the scaling is exact (terms that underflow are far below
+// the rounding of the sum). A +inf logit overflows the scaled sum too: that row is NaN, as with softmax.
+template <typename A>
+LF_HOST_DEVICE A overflow_scale(long long V) {
+  int k = 1;
+  while ((1LL << (k - 1)) <= V) ++k;
+  return LF_MATH(ldexp)(A(1), -k);
+}
+
+// The cross-entropy term log S - log s_y = log1p(S_-y / s_y) (no cancellation for confident rows), from the
+// non-target sum S_other and s_y both scaled by `scale`; where the ratio overflows (a target far below the
+// others), log S_-y - log s_y, which is then exact to rounding.
+template <typename A>
+LF_HOST_DEVICE A nll_term(A S_other, A sy, A scale, A xy) {
+  const A ratio = S_other / (sy * scale);
+  if (ratio == A(INFINITY)) return LF_MATH(log)(S_other) - LF_MATH(log)(scale) - log_s<A>(xy);
+  return LF_MATH(log1p)(ratio);
+}
+
 // ⊥Grad's rescale |g| / |g_perp| from gg = |g|^2 and pp = |g_perp|^2 as computed, g_perp = g - proj w in the
 // accumulation type A. When |g_perp| is within the rounding error of that difference (a few ulps of |g|:
 // g parallel to w, as every gradient of a one-element parameter is), the exact g_perp is 0 and so is the

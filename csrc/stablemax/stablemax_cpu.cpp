@@ -42,14 +42,20 @@ void stablemax_rows(const T* x, T* out, RowLayout L, int64_t r0, int64_t r1, boo
     A S = 0;
     LF_SIMD_SUM(S)
     for (int64_t c = 0; c < V; ++c) S += s<A>(static_cast<A>(xr[c * st]));
-    if (std::isinf(S)) S = NAN;  // a +inf logit: the whole row is NaN, as with softmax
+    A scale = 1;  // p_c = s_c scale / S
+    if (std::isinf(S)) {
+      scale = overflow_scale<A>(V);
+      S = 0;
+      for (int64_t c = 0; c < V; ++c) S += s<A>(static_cast<A>(xr[c * st])) * scale;
+      if (std::isinf(S)) S = NAN;  // a +inf logit: the whole row is NaN, as with softmax
+    }
     if (log) {
-      const A logS = std::log(S);
+      const A logS = std::log(S) - std::log(scale);
       for (int64_t c = 0; c < V; ++c) o[c * st] = static_cast<T>(log_s<A>(static_cast<A>(xr[c * st])) - logS);
     } else {
       const A inv = A(1) / S;
       LF_SIMD
-      for (int64_t c = 0; c < V; ++c) o[c * st] = static_cast<T>(s<A>(static_cast<A>(xr[c * st])) * inv);
+      for (int64_t c = 0; c < V; ++c) o[c * st] = static_cast<T>(s<A>(static_cast<A>(xr[c * st])) * scale * inv);
     }
   }
 }
@@ -128,13 +134,19 @@ void ce_forward_rows(const T* x, const int64_t* target, const typename Acc<T>::t
       S_other += c != y32 ? sc : A(0);
     }
     const A sy = s<A>(static_cast<A>(xr[y * st]));
-    A S = sy + S_other;
-    if (std::isinf(S)) S_other = S = NAN;  // a +inf logit: NaN loss and gradient, as with softmax
+    A S = sy + S_other, scale = 1;  // S_other and S are scaled by `scale`
+    if (std::isinf(S)) {
+      scale = overflow_scale<A>(V);
+      S_other = 0;
+      for (int32_t c = 0; c < V32; ++c) S_other += c != y32 ? s<A>(static_cast<A>(xr[c * st])) * scale : A(0);
+      S = sy * scale + S_other;
+      if (std::isinf(S)) S_other = S = NAN;  // a +inf logit: NaN loss and gradient, as with softmax
+    }
     const A wy = weight ? weight[y] : A(1);
-    A l = A(1 - eps) * wy * std::log1p(S_other / sy);
+    A l = A(1 - eps) * wy * nll_term(S_other, sy, scale, static_cast<A>(xr[y * st]));
     if (eps > 0) {
       // label smoothing: (eps / V) * sum_c w_c * (log S - log s(x_c))
-      const A logS = std::log(S);
+      const A logS = std::log(S) - std::log(scale);
       A smooth = 0;
       if (weight) {
         LF_SIMD_SUM(smooth)
@@ -146,8 +158,8 @@ void ce_forward_rows(const T* x, const int64_t* target, const typename Acc<T>::t
       l += A(eps / V) * smooth;
     }
     loss[r] = l;
-    sr[0] = S_other;
-    sr[1] = S;
+    sr[0] = S_other / scale;  // inf where the sum overflowed: the backward then sums again, scaled
+    sr[1] = S / scale;
     sr[2] = wy;
   }
 }
@@ -175,13 +187,23 @@ void ce_backward_rows(const typename Acc<T>::type* grad_rows, bool grad_scalar, 
     const T* xr = x + b;
     const A* sr = stats + 3 * r;
     const A g = grad_rows[grad_scalar ? 0 : r];
-    const A S_other = sr[0], invS = A(1) / sr[1], coef_t = A(1 - eps) * sr[2];
+    A S_other = sr[0], S = sr[1], scale = 1;  // p_c = s_c scale / S
+    if (std::isinf(S)) {  // the forward's sum overflowed: sum again, scaled (see overflow_scale)
+      scale = overflow_scale<A>(V);
+      S_other = S = 0;
+      for (int64_t c = 0; c < V; ++c) {
+        const A sc = s<A>(static_cast<A>(xr[c * st])) * scale;
+        S += sc;
+        S_other += c != y ? sc : A(0);
+      }
+    }
+    const A invS = A(1) / S, coef_t = A(1 - eps) * sr[2];
     if (weight) {
       LF_SIMD
       for (int64_t c = 0; c < V; ++c) {
         A sc, hc;
         s_and_h<A>(static_cast<A>(xr[c * st]), sc, hc);
-        const A p = sc * invS;
+        const A p = sc * scale * invS;
         o[c * st] = static_cast<T>(g * hc * (coef_t * p + coef_s * (p * W - weight[c])));
       }
     } else {
@@ -191,11 +213,11 @@ void ce_backward_rows(const typename Acc<T>::type* grad_rows, bool grad_scalar, 
       for (int64_t c = 0; c < V; ++c) {
         A sc, hc;
         s_and_h<A>(static_cast<A>(xr[c * st]), sc, hc);
-        o[c * st] = static_cast<T>(g * hc * (a * sc * invS - b));
+        o[c * st] = static_cast<T>(g * hc * (a * sc * scale * invS - b));
       }
     }
     const A xy = static_cast<A>(xr[y * st]);
-    const A py = s<A>(xy) * invS;
+    const A py = s<A>(xy) * scale * invS;
     const A wy = weight ? weight[y] : A(1);
     o[y * st] = static_cast<T>(g * h<A>(xy) * (-coef_t * S_other * invS + coef_s * (py * W - wy)));
   }

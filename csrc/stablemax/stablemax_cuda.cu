@@ -32,6 +32,20 @@ __device__ __forceinline__ A group_sum(A v) {
   }
 }
 
+// Whether b holds for any row of this thread's warp (G <= 32) or block (G == kBlock): the branches that reduce
+// again (rows whose sum overflowed, see overflow_scale) must be taken by every lane of the warp's shuffles.
+template <int G>
+__device__ __forceinline__ bool group_any(bool b) {
+  if constexpr (G == kBlock) {
+    return b;  // one row per block: b is the same in every thread
+  } else {
+    int v = b;
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) v |= __shfl_xor_sync(0xffffffffu, v, off);
+    return v != 0;
+  }
+}
+
 // Row index and lane of this thread; rows past the end still take part in the group's shuffles.
 template <int G>
 __device__ __forceinline__ void row_and_lane(int64_t& row, int& lane) {
@@ -56,15 +70,26 @@ __global__ void stablemax_kernel(const T* __restrict__ x, T* __restrict__ out, R
   A S = 0;
   for (int64_t c = lane; c < V; c += G) S += s<A>(static_cast<A>(x[b + c * st]));
   S = group_sum<G>(S);
+  A scale = 1;  // p_c = s_c scale / S
+  if (group_any<G>(::isinf(S))) {
+    const A sc = overflow_scale<A>(L.V);
+    A Ss = 0;
+    for (int64_t c = lane; c < V; c += G) Ss += s<A>(static_cast<A>(x[b + c * st])) * sc;
+    Ss = group_sum<G>(Ss);
+    if (::isinf(S)) {
+      scale = sc;
+      S = ::isinf(Ss) ? A(NAN) : Ss;  // a +inf logit: the whole row is NaN, as with softmax
+    }
+  }
   if (!active) return;
-  if (::isinf(S)) S = A(NAN);  // a +inf logit: the whole row is NaN, as with softmax
   if (log) {
-    const A logS = ::log(S);
+    const A logS = ::log(S) - ::log(scale);
     for (int64_t c = lane; c < V; c += G)
       out[b + c * st] = static_cast<T>(log_s<A>(static_cast<A>(x[b + c * st])) - logS);
   } else {
     const A inv = A(1) / S;
-    for (int64_t c = lane; c < V; c += G) out[b + c * st] = static_cast<T>(s<A>(static_cast<A>(x[b + c * st])) * inv);
+    for (int64_t c = lane; c < V; c += G)
+      out[b + c * st] = static_cast<T>(s<A>(static_cast<A>(x[b + c * st])) * scale * inv);
   }
 }
 
@@ -114,11 +139,23 @@ __global__ void ce_forward_kernel(const T* __restrict__ x, const int64_t* __rest
   }
   S_other = group_sum<G>(S_other);
   sy = group_sum<G>(sy);
-  A S = sy + S_other;
-  if (::isinf(S)) S_other = S = A(NAN);  // a +inf logit: NaN loss and gradient, as with softmax
+  A S = sy + S_other, scale = 1;  // S_other and S are scaled by `scale`
+  if (group_any<G>(::isinf(S))) {
+    const A sc = overflow_scale<A>(L.V);
+    A so = 0;
+    for (int64_t c = lane; c < V; c += G)
+      if (c != y) so += s<A>(static_cast<A>(x[b + c * st])) * sc;
+    so = group_sum<G>(so);
+    if (::isinf(S)) {
+      scale = sc;
+      S_other = so;
+      S = sy * sc + so;
+      if (::isinf(S)) S_other = S = A(NAN);  // a +inf logit: NaN loss and gradient, as with softmax
+    }
+  }
   A smooth = 0;
   if (eps > 0) {
-    const A logS = ::log(S);
+    const A logS = ::log(S) - ::log(scale);
     for (int64_t c = lane; c < V; c += G)
       smooth += (weight ? weight[c] : A(1)) * (logS - log_s<A>(static_cast<A>(x[b + c * st])));
     smooth = group_sum<G>(smooth);
@@ -131,9 +168,9 @@ __global__ void ce_forward_kernel(const T* __restrict__ x, const int64_t* __rest
     return;
   }
   const A wy = weight ? weight[y] : A(1);
-  loss[r] = A(1 - eps) * wy * ::log1p(S_other / sy) + A(eps / L.V) * smooth;
-  sr[0] = S_other;
-  sr[1] = S;
+  loss[r] = A(1 - eps) * wy * nll_term(S_other, sy, scale, static_cast<A>(x[b + y * st])) + A(eps / L.V) * smooth;
+  sr[0] = S_other / scale;  // inf where the sum overflowed: the backward then sums again, scaled
+  sr[1] = S / scale;
   sr[2] = wy;
 }
 
@@ -148,21 +185,38 @@ __global__ void ce_backward_kernel(const typename Acc<T>::type* __restrict__ gra
   int64_t r;
   int lane;
   row_and_lane<G>(r, lane);
-  if (r >= rows) return;  // no group reduction below, so inactive threads may leave
-  const int64_t y = target[r];
-  const int64_t b = L.base(r), st = L.inner, V = L.V;
-  const bool valid = y != ignore_index && y >= 0 && y < V;
+  const int64_t y = r < rows ? target[r] : ignore_index;
+  const int64_t b = r < rows ? L.base(r) : 0, st = L.inner, V = L.V;
+  const bool valid = r < rows && y != ignore_index && y >= 0 && y < V;
+  const A* sr = stats + 3 * (valid ? r : 0);
+  A S_other = valid ? sr[0] : A(0), S = valid ? sr[1] : A(1), scale = 1;  // p_c = s_c scale / S
+  if (group_any<G>(::isinf(S))) {  // the forward's sum overflowed: sum again, scaled (see overflow_scale)
+    const A sc = overflow_scale<A>(V);
+    A so = 0, sa = 0;
+    for (int64_t c = lane; valid && c < V; c += G) {
+      const A t = s<A>(static_cast<A>(x[b + c * st])) * sc;
+      sa += t;
+      if (c != y) so += t;
+    }
+    so = group_sum<G>(so);
+    sa = group_sum<G>(sa);
+    if (::isinf(S)) {
+      scale = sc;
+      S_other = so;
+      S = sa;
+    }
+  }
+  if (r >= rows) return;
   if (!valid) {
     for (int64_t c = lane; c < V; c += G) gx[b + c * st] = static_cast<T>(0);
     return;
   }
-  const A* sr = stats + 3 * r;
   const A g = grad_rows[grad_scalar ? 0 : r];
-  const A S_other = sr[0], invS = A(1) / sr[1], coef_t = A(1 - eps) * sr[2], coef_s = A(eps / V);
+  const A invS = A(1) / S, coef_t = A(1 - eps) * sr[2], coef_s = A(eps / V);
   const A W = weight ? *weight_sum : A(V);
   for (int64_t c = lane; c < V; c += G) {
     const A xc = static_cast<A>(x[b + c * st]);
-    const A p = s<A>(xc) * invS;
+    const A p = s<A>(xc) * scale * invS;
     const A wc = weight ? weight[c] : A(1);
     // p_y - 1 = -S_-y / S from the saved stats: no cancellation for confident rows.
     const A nll = c == y ? -S_other * invS : p;
