@@ -687,3 +687,15 @@ def test_bad_input_reaches_cpp_checks(gen):
     assert rows[0, 0] // 6 == 0 and rows[-1, 0] // 6 == 1  # both instances have bars: flipping ungroups them
     with pytest.raises(RuntimeError, match="grouped by instance"):
         ops.betti_matching_loss_rows(f.reshape(2, -1), f.reshape(2, -1), rows.flip(0).contiguous(), w)
+
+
+@pytest.mark.parametrize("target_dtype", [torch.bool, torch.int64, torch.uint8, torch.float32])
+def test_metrics_take_any_target_dtype(target_dtype, gen):
+    """The metrics binarise both inputs: a float64 pred with a bool, int or float32 target (as the docs allow)
+    gives the float64 target's result (it raised a C++ dtype error from betti_matching_pairs)."""
+    p = torch.rand(2, 1, 9, 9, generator=gen, dtype=torch.float64)
+    t = torch.rand(2, 1, 9, 9, generator=gen) > 0.5
+    want_m = lossforge.betti_matching_error(p, t.double())
+    want_n = lossforge.betti_number_error(p, t.double())
+    torch.testing.assert_close(lossforge.betti_matching_error(p, t.to(target_dtype)), want_m)
+    torch.testing.assert_close(lossforge.betti_number_error(p, t.to(target_dtype)), want_n)

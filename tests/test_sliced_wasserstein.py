@@ -669,3 +669,22 @@ def test_torch_compile_fullgraph(gen):
     want = loss(x, y, wx, wy, P)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(torch.autograd.grad(got, x)[0], torch.autograd.grad(want, x)[0])
+
+
+def test_errors_name_the_problem(gen):
+    m = lfnn.AmortizedSlicedWasserstein(3, kappa=10.0)
+    x = torch.randn(2, 10, 3, generator=gen, dtype=F64)
+    with pytest.raises(TypeError, match=r"x is torch.float64 but the amortizer's parameters are torch.float32: "
+                                        r"convert the clouds \(x.to\(torch.float32\)\) or the module"):
+        m(x, x)
+    with pytest.raises(TypeError, match="y is torch.float64 but the amortizer's parameters are torch.float32"):
+        m(x.float(), x)
+    with pytest.raises(TypeError, match="x must be float32 or float64"):
+        m(x.half(), x.half())
+    assert torch.isfinite(m.double()(x, x + 1))
+    # finite clouds whose distance overflows float32: the error says so (it blamed the finite inputs)
+    big = torch.randn(1, 10, 3, generator=gen) * 1e30
+    with pytest.raises(ValueError, match="max_sliced_wasserstein: the ascent overflowed float32: .* rescale the "
+                                         "clouds or use float64"):
+        lossforge.max_sliced_wasserstein(big, big + 1e29)
+    assert torch.isfinite(lossforge.max_sliced_wasserstein(big.double(), big.double() + 1e29))

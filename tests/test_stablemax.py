@@ -674,3 +674,20 @@ def test_cpu_cuda_agree(dtype, shape, t_shape, dim, gen):
     tol = TOL[dtype]
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_errors_name_the_problem():
+    """Each error names the argument and the problem (they used to surface from another op, a chunk, or
+    C++ without the dtype's name, or not at all)."""
+    h, W = torch.randn(4, 3), torch.randn(5, 3)
+    with pytest.raises(ValueError, match=r"fused_linear_stablemax_cross_entropy: target value 7 at flat index 2 "
+                                         r"is out of range: expected a class index in \[0, 5\)"):
+        lossforge.fused_linear_stablemax_cross_entropy(h, W, torch.tensor([0, 1, 7, 2]), chunk_size=2)
+    for dtype, name in ((torch.uint8, "uint8"), (torch.complex64, "complex64"), (torch.int16, "int16")):
+        with pytest.raises(RuntimeError, match=f"x must be float32, float64, bfloat16 or float16, got {name}"):
+            ops.stablemax(torch.zeros(3, 4, dtype=dtype), 1, False)
+    # a CPU tensor beside a meta one: an error, not meta outputs
+    with pytest.raises(RuntimeError, match="stablemax_cross_entropy: all tensor arguments must be on one device, "
+                                           "got cpu and meta"):
+        ops.stablemax_cross_entropy(torch.randn(3, 4), torch.zeros(3, dtype=torch.long, device="meta"), None, 1,
+                                    -100, 0.0)

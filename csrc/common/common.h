@@ -28,8 +28,14 @@ inline const char* dtype_name(ScalarType t) {
     case ScalarType::Half: return "float16";
     case ScalarType::Long: return "int64";
     case ScalarType::Int: return "int32";
+    case ScalarType::Short: return "int16";
+    case ScalarType::Char: return "int8";
+    case ScalarType::Byte: return "uint8";
     case ScalarType::Bool: return "bool";
-    default: return "an unsupported dtype";
+    case ScalarType::ComplexHalf: return "complex32";
+    case ScalarType::ComplexFloat: return "complex64";
+    case ScalarType::ComplexDouble: return "complex128";
+    default: return c10::toString(t);  // torch's C++ name (e.g. Float8_e4m3fn)
   }
 }
 
@@ -53,8 +59,9 @@ inline void check_floating(const Tensor& t, const char* op, const char* arg) {
 
 inline void check_same_device(const Tensor& a, const Tensor& b, const char* op, const char* arg_a,
                               const char* arg_b) {
-  STD_TORCH_CHECK(a.is_cuda() == b.is_cuda() && a.get_device_index() == b.get_device_index(), op,
-                  ": ", arg_a, " and ", arg_b, " must be on the same device");
+  // device type (CPU, CUDA, or another: meta) and index
+  STD_TORCH_CHECK(a.is_cuda() == b.is_cuda() && a.is_cpu() == b.is_cpu() && a.get_device_index() == b.get_device_index(),
+                  op, ": ", arg_a, " and ", arg_b, " must be on the same device");
 }
 
 inline void check_device(const Tensor& t, bool want_cuda, const char* op, const char* arg) {
@@ -63,8 +70,8 @@ inline void check_device(const Tensor& t, bool want_cuda, const char* op, const 
   (void)want_cuda;
   STD_TORCH_CHECK(t.is_cpu(), op, ": ", arg, " must be a CPU tensor (emulated CUDA)");
 #else
-  STD_TORCH_CHECK(t.is_cuda() == want_cuda, op, ": ", arg, " must be a ",
-                  want_cuda ? "CUDA" : "CPU", " tensor");
+  STD_TORCH_CHECK(want_cuda ? t.is_cuda() : t.is_cpu(), op, ": ", arg, " must be a ", want_cuda ? "CUDA" : "CPU",
+                  " tensor");
 #endif
 }
 

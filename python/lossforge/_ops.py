@@ -18,6 +18,35 @@ if _build_config.WITH_CUDA:
 ops = torch.ops.lossforge
 
 
+def _tensors(args):
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from _tensors(a)
+
+
+def register_fake(name: str):
+    """torch.library.register_fake, plus the check every kernel starts with: all tensor arguments on one
+    device. (A call mixing CPU and meta tensors dispatches here, to the fake kernel, and would otherwise
+    return meta tensors instead of raising; under torch.compile the same message as in eager.)"""
+    op = name.split("::")[-1]
+
+    def wrap(fake):
+        def checked(*args, **kwargs):
+            ts = list(_tensors(args)) + list(_tensors(kwargs.values()))
+            for t in ts[1:]:
+                torch._check(t.device == ts[0].device,
+                             lambda t=t: f"{op}: all tensor arguments must be on one device, got {ts[0].device} "
+                                         f"and {t.device}")
+            return fake(*args, **kwargs)
+
+        torch.library.register_fake(name)(checked)
+        return fake
+
+    return wrap
+
+
 def cuda_kernels_loaded() -> bool:
     return _build_config.WITH_CUDA and _cuda_error is None
 

@@ -34,7 +34,7 @@ from typing import Sequence
 
 import torch
 
-from ._ops import cuda_kernels_loaded, ops
+from ._ops import cuda_kernels_loaded, ops, register_fake
 
 __all__ = [
     "BettiMatchingResult",
@@ -53,7 +53,7 @@ REDUCTIONS = ("mean", "sum", "none")
 # fake (meta) implementations and autograd
 
 
-@torch.library.register_fake("lossforge::betti_matching_pairs")
+@register_fake("lossforge::betti_matching_pairs")
 def _pairs_fake(f, g, strict, include_target_unmatched):
     ctx = torch.library.get_ctx()
     n = ctx.new_dynamic_size()
@@ -62,19 +62,19 @@ def _pairs_fake(f, g, strict, include_target_unmatched):
     return rows, counts
 
 
-@torch.library.register_fake("lossforge::persistence_pairs")
+@register_fake("lossforge::persistence_pairs")
 def _barcode_fake(x, include_essential):
     ctx = torch.library.get_ctx()
     n = ctx.new_dynamic_size()
     return x.new_empty((n, 3), dtype=torch.int64), x.new_empty((x.shape[0], x.dim() - 1), dtype=torch.int64)
 
 
-@torch.library.register_fake("lossforge::betti_matching_loss_rows")
+@register_fake("lossforge::betti_matching_loss_rows")
 def _loss_rows_fake(pred, target, rows, weights):
     return pred.new_empty((pred.shape[0],))
 
 
-@torch.library.register_fake("lossforge::betti_matching_loss_rows_backward")
+@register_fake("lossforge::betti_matching_loss_rows_backward")
 def _loss_rows_backward_fake(grad, pred, target, rows, weights):
     return pred.new_empty(pred.shape)
 
@@ -453,11 +453,13 @@ def betti_matching_loss(
 
 
 def _binarize(x, threshold, filtration):
+    """{0, 1} in float32 whatever x's dtype (bool, int or float targets beside any pred: the core matches
+    two images of one dtype)."""
     x = x.detach()
     x = x.to(torch.float32) if not x.is_floating_point() else _float(x)
     if filtration == "sublevel":
-        return (x <= threshold).to(x.dtype)
-    return (x >= threshold).to(x.dtype)
+        return (x <= threshold).to(torch.float32)
+    return (x >= threshold).to(torch.float32)
 
 
 def _metric_inputs(pred, target, threshold, filtration, reduction, allowed):

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from ._ops import cuda_kernels_loaded, ops
+from ._ops import cuda_kernels_loaded, ops, register_fake
 
 __all__ = ["StaticIHVP", "BlockIHVP", "SlidingWindowIHVP"]
 
@@ -37,32 +37,32 @@ def _compute_dtype(storage: torch.dtype) -> torch.dtype:
     return torch.float64 if storage == torch.float64 else torch.float32
 
 
-@torch.library.register_fake("lossforge::mfac_gemv")
+@register_fake("lossforge::mfac_gemv")
 def _gemv_fake(G, x):
     return x.new_empty((*x.shape[:-1], G.shape[0]))
 
 
-@torch.library.register_fake("lossforge::mfac_gemv_t")
+@register_fake("lossforge::mfac_gemv_t")
 def _gemv_t_fake(G, b, x, alpha, beta):
     return b.new_empty((*b.shape[:-1], G.shape[1]))
 
 
-@torch.library.register_fake("lossforge::mfac_insert_gemv_")
+@register_fake("lossforge::mfac_insert_gemv_")
 def _insert_fake(G, row, grads, params, weight_decay):
     return G.new_empty((G.shape[0],), dtype=torch.float64)
 
 
-@torch.library.register_fake("lossforge::mfac_step_")
+@register_fake("lossforge::mfac_step_")
 def _step_fake(G, b, params, grads, momentum_buffer, alpha, beta, lr, weight_decay, momentum):
     return None
 
 
-@torch.library.register_fake("lossforge::mfac_chol_solve")
+@register_fake("lossforge::mfac_chol_solve")
 def _chol_solve_fake(U, t):
     return torch.empty_like(t)
 
 
-@torch.library.register_fake("lossforge::mfac_chol_replace_oldest_")
+@register_fake("lossforge::mfac_chol_replace_oldest_")
 def _replace_fake(U, k, shift):
     return U.new_empty((1,))
 

@@ -112,10 +112,16 @@ class AmortizedSlicedWasserstein(torch.nn.Module):
 
     def direction(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """eps = f(x, y): [d] for single clouds [N, d], [B, d] for batches [B, N, d]."""
+        dtype = next(self.amortizer.parameters()).dtype
         for name, t in (("x", x), ("y", y)):
             if not isinstance(t, torch.Tensor) or t.dim() not in (2, 3) or t.shape[-1] != self.dim:
                 shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(f"{name} must be [N, {self.dim}] or [B, N, {self.dim}], got {shape}")
+            if t.dtype not in (torch.float32, torch.float64):
+                raise TypeError(f"{name} must be float32 or float64 (the module's dtype, {dtype}), got {t.dtype}")
+            if t.dtype != dtype:
+                raise TypeError(f"{name} is {t.dtype} but the amortizer's parameters are {dtype}: convert the clouds "
+                                f"({name}.to({dtype})) or the module (module.to({t.dtype}))")
         a = 0.5 * (self.amortizer(x) + self.amortizer(y))
         return a / a.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
 

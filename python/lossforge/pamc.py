@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._ops import ops
+from ._ops import ops, register_fake
 
 __all__ = [
     "pamc_loss",
@@ -210,20 +210,20 @@ def _graph_for(z: torch.Tensor, edge_index, edge_weight, fn: str) -> PamCGraph:
 # ---- op registrations: shapes (fake) and autograd ----------------------------------------------
 
 
-@torch.library.register_fake("lossforge::pamc_build_csr")
+@register_fake("lossforge::pamc_build_csr")
 def _build_csr_fake(row, col, num_nodes):
     E = row.shape[0]
     return (row.new_empty(num_nodes + 1), row.new_empty(E), row.new_empty(E), row.new_empty(num_nodes + 1),
             row.new_empty(E), row.new_empty(E))
 
 
-@torch.library.register_fake("lossforge::pamc_positive")
+@register_fake("lossforge::pamc_positive")
 def _positive_fake(z, rowptr, col, weight, colptr, trow, tedge, tau, eps):
     n = z.shape[0]
     return z.new_empty(n), torch.empty_like(z), z.new_empty(n)
 
 
-@torch.library.register_fake("lossforge::pamc_positive_backward")
+@register_fake("lossforge::pamc_positive_backward")
 def _positive_backward_fake(grad, u, inv, rowptr, col, weight, colptr, trow, tedge, lse, tau):
     return torch.empty_like(u)
 
@@ -256,7 +256,7 @@ def _positive_backward(ctx, grad, grad_u, grad_inv):
 torch.library.register_autograd("lossforge::pamc_positive", _positive_backward, setup_context=_positive_setup)
 
 
-@torch.library.register_fake("lossforge::pamc_segment_sum")
+@register_fake("lossforge::pamc_segment_sum")
 def _segment_sum_fake(z, labels, num_segments):
     return z.new_empty(num_segments, z.shape[1]), labels.new_empty(num_segments)
 
@@ -279,13 +279,13 @@ def _segment_sum_backward(ctx, grad_sums, grad_counts):
 torch.library.register_autograd("lossforge::pamc_segment_sum", _segment_sum_backward, setup_context=_segment_sum_setup)
 
 
-@torch.library.register_fake("lossforge::pairwise_contrastive")
+@register_fake("lossforge::pairwise_contrastive")
 def _pairwise_fake(z, rowptr, col, weight, colptr, trow, tedge, tau, block_rows, block_cols):
     n = z.shape[0]
     return z.new_empty(n), z.new_empty(n, 2)
 
 
-@torch.library.register_fake("lossforge::pairwise_contrastive_backward")
+@register_fake("lossforge::pairwise_contrastive_backward")
 def _pairwise_backward_fake(grad, z, rowptr, col, weight, colptr, trow, tedge, stats, tau, block_rows, block_cols):
     return torch.empty_like(z)
 
@@ -326,11 +326,16 @@ def _check_z(z, fn: str) -> torch.Tensor:
     return z.contiguous()
 
 
-def _check_tau(tau, fn: str) -> float:
+def _check_tau(tau, fn: str, dtype: torch.dtype = torch.float64) -> float:
+    """tau is finite and |tau| <= 1 / eps(dtype) (2^23 in float32, 2^52 in float64): the kernels round tau * s
+    to within 1 in the exponent; beyond that exp(tau * s) is noise (float32 gradients overflowed from 1e10)."""
     if isinstance(tau, bool) or not isinstance(tau, (int, float)):
         raise TypeError(f"{fn}: tau must be a float, got {type(tau).__name__}")
     if not math.isfinite(tau):
         raise ValueError(f"{fn}: tau must be finite, got {tau}")
+    limit = 1.0 / torch.finfo(dtype).eps
+    if abs(tau) > limit:
+        raise ValueError(f"{fn}: |tau| must be at most {limit:.4g} for {str(dtype).replace('torch.', '')} z, got {tau}")
     return float(tau)
 
 
@@ -397,7 +402,13 @@ def _meta_nodes(z: torch.Tensor, assignment, soft: bool, num_clusters, fn: str):
             lo, hi = int(labels.min()), int(labels.max())
             if lo < 0 or hi >= k:
                 raise ValueError(f"{fn}: hard assignment labels must be in [0, {k}), got {lo if lo < 0 else hi}")
-    sums, counts = ops.pamc_segment_sum(z, labels.contiguous(), k)
+    try:
+        sums, counts = ops.pamc_segment_sum(z, labels.contiguous(), k)
+    except RuntimeError as e:  # torch.OutOfMemoryError included
+        if "alloc" not in str(e) and not isinstance(e, torch.OutOfMemoryError):
+            raise
+        raise ValueError(f"{fn}: the meta-nodes of {k} clusters ([{k}, {z.shape[1]}], {k * z.shape[1] * z.element_size()} "
+                         f"bytes) do not fit in memory: is num_clusters={num_clusters!r} right?") from None
     return sums, counts > 0
 
 
@@ -436,7 +447,7 @@ def pamc_loss(z: torch.Tensor, edge_index, edge_weight: torch.Tensor | None = No
     """
     fn = "pamc_loss"
     z = _check_z(z, fn)
-    tau = _check_tau(tau, fn)
+    tau = _check_tau(tau, fn, z.dtype)
     _check_reduction(reduction, fn)
     if not isinstance(soft, bool):
         raise TypeError(f"{fn}: soft must be a bool, got {type(soft).__name__}")
@@ -458,7 +469,7 @@ def pairwise_contrastive_loss(z: torch.Tensor, edge_index, edge_weight: torch.Te
     """
     fn = "pairwise_contrastive_loss"
     z = _check_z(z, fn)
-    tau = _check_tau(tau, fn)
+    tau = _check_tau(tau, fn, z.dtype)
     _check_reduction(reduction, fn)
     graph = _graph_for(z, edge_index, edge_weight, fn)
     blocks = (BLOCK_ROWS, BLOCK_COLS) if z.device.type == "cpu" else (CUDA_BLOCK_ROWS, CUDA_BLOCK_COLS)

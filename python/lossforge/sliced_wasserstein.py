@@ -17,7 +17,7 @@ import numbers
 
 import torch
 
-from ._ops import ops
+from ._ops import ops, register_fake
 
 __all__ = [
     "sliced_wasserstein",
@@ -33,7 +33,7 @@ _REDUCTIONS = ("mean", "sum", "none")
 # The op: fake (shapes) and autograd registrations.
 
 
-@torch.library.register_fake("lossforge::sliced_wasserstein")
+@register_fake("lossforge::sliced_wasserstein")
 def _sliced_wasserstein_fake(x, y, x_weights, y_weights, projections, p, grad_points, grad_weights,
                              grad_projections):
     B, N, d = x.shape
@@ -480,8 +480,16 @@ def max_sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, x_weights: torch.Te
         best_value = torch.full((B,), -1.0, dtype=X.dtype, device=X.device)
         theta = asc.theta
         for t in range(n_iters + 1):
-            value, _, _, _, _, g = ops.sliced_wasserstein(Xd, Yd, WXd, WYd, asc.theta.unsqueeze(-1).contiguous(), p,
-                                                          False, False, t < n_iters)
+            try:
+                value, _, _, _, _, g = ops.sliced_wasserstein(Xd, Yd, WXd, WYd, asc.theta.unsqueeze(-1).contiguous(),
+                                                              p, False, False, t < n_iters)
+            except RuntimeError as e:  # finite clouds: the ascent's direction left the finite range (CPU)
+                if "not finite" not in str(e):
+                    raise
+                scale = max(float(Xd.abs().max()), float(Yd.abs().max()))
+                raise ValueError(f"max_sliced_wasserstein: the ascent overflowed {str(X.dtype).replace('torch.', '')}: "
+                                 f"|u - v|^{p:g} and its gradient are too large for clouds with coordinates up to "
+                                 f"{scale:.3g}; rescale the clouds or use float64") from None
             better = value > best_value
             best_value = torch.where(better, value, best_value)
             theta = torch.where(better[:, None], asc.theta, theta)

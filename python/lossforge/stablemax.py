@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ._ops import ops
+from ._ops import ops, register_fake
 
 __all__ = [
     "stablemax",
@@ -35,12 +35,12 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # ---- op registrations: shapes (fake) and autograd ----------------------------------------------
 
 
-@torch.library.register_fake("lossforge::stablemax")
+@register_fake("lossforge::stablemax")
 def _stablemax_fake(x, dim, log):
     return torch.empty_like(x)
 
 
-@torch.library.register_fake("lossforge::stablemax_backward")
+@register_fake("lossforge::stablemax_backward")
 def _stablemax_backward_fake(grad, x, out, dim, log):
     return torch.empty_like(x)
 
@@ -59,13 +59,13 @@ def _stablemax_backward(ctx, grad):
 torch.library.register_autograd("lossforge::stablemax", _stablemax_backward, setup_context=_stablemax_setup)
 
 
-@torch.library.register_fake("lossforge::stablemax_cross_entropy")
+@register_fake("lossforge::stablemax_cross_entropy")
 def _ce_fake(input, target, weight, dim, ignore_index, label_smoothing):
     acc = _acc_dtype(input.dtype)
     return target.new_empty(target.shape, dtype=acc), target.new_empty((*target.shape, 3), dtype=acc)
 
 
-@torch.library.register_fake("lossforge::stablemax_cross_entropy_backward")
+@register_fake("lossforge::stablemax_cross_entropy_backward")
 def _ce_backward_fake(grad_rows, input, target, weight, stats, dim, ignore_index, label_smoothing):
     return torch.empty_like(input)
 
@@ -97,7 +97,7 @@ def _rows_gradient(grad: torch.Tensor) -> torch.Tensor:
 torch.library.register_autograd("lossforge::stablemax_cross_entropy", _ce_backward, setup_context=_ce_setup)
 
 
-@torch.library.register_fake("lossforge::orthograd_")
+@register_fake("lossforge::orthograd_")
 def _orthograd_fake(grad, param):
     return None
 
@@ -155,6 +155,19 @@ def _check_target(target, device, fn):
         raise TypeError(f"{fn}: target must be int64 class indices, got {target.dtype}{hint}")
     if target.device != device:
         raise ValueError(f"{fn}: target is on {target.device} but the logits are on {device}")
+
+
+def _check_target_range(target, n_classes, ignore_index, fn):
+    """On the CPU a target outside [0, n_classes) other than ignore_index raises here, with its flat index
+    (on CUDA that check would need a host sync: the row's loss is NaN instead)."""
+    if target.device.type != "cpu":
+        return
+    t = target.reshape(-1)
+    bad = (t != ignore_index) & ((t < 0) | (t >= n_classes))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"{fn}: target value {int(t[i])} at flat index {i} is out of range: expected a class "
+                         f"index in [0, {n_classes}) or ignore_index={ignore_index}")
 
 
 def _check_options(ignore_index, reduction, label_smoothing, fn):
@@ -257,10 +270,7 @@ def collapse_fraction(logits: torch.Tensor, target: torch.Tensor, loss: str = "s
         t = target.reshape(-1)
         valid = t != ignore_index
         out_of_range = valid & ((t < 0) | (t >= x.shape[1]))
-        if x.device.type == "cpu" and out_of_range.any():
-            bad = int(out_of_range.nonzero()[0])
-            raise ValueError(f"{fn}: target value {int(t[bad])} at flat index {bad} is out of range: expected a "
-                             f"class index in [0, {x.shape[1]}) or ignore_index={ignore_index}")
+        _check_target_range(t, x.shape[1], ignore_index, fn)
         # gather only in-range indices: torch would raise a device-side assert on CUDA
         t_safe = torch.where(valid & ~out_of_range, t, torch.zeros_like(t)).unsqueeze(1)
         if loss == "softmax":  # F.cross_entropy's per-row loss, -log_softmax(x)[y]
@@ -331,6 +341,8 @@ def _fused_linear_ce(hidden: torch.Tensor, weight: torch.Tensor, target: torch.T
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss, d loss/d hidden, d loss/d weight, d loss/d bias); for mean/sum the gradients are
     computed in the same chunked pass, so the backward only multiplies them by the incoming gradient."""
+    # in the op (it runs eagerly under torch.compile too), before the chunks: an index of the whole target
+    _check_target_range(target, weight.shape[0], ignore_index, "fused_linear_stablemax_cross_entropy")
     acc = _acc_dtype(hidden.dtype)
     grads_now = need_grads and reduction != "none"
     denom = _mean_denominator(target, class_weight, ignore_index, acc) if reduction == "mean" else None
