@@ -615,9 +615,9 @@ def test_bad_inputs():
         ce(x, t, torch.ones(5, device="meta"))
     with pytest.raises(RuntimeError, match="gradient with respect to weight"):
         ce(x, t, torch.ones(5, requires_grad=True))
-    with pytest.raises(RuntimeError, match=r"target value 7 at flat index 2 is out of range"):
+    with pytest.raises(ValueError, match=r"target value 7 at flat index 2 is out of range"):
         ce(x, torch.tensor([0, 1, 7, 3]))
-    with pytest.raises(RuntimeError, match=r"target value -1 .* is out of range"):
+    with pytest.raises(ValueError, match=r"target value -1 .* is out of range"):
         ce(x, torch.tensor([0, -1, 2, 3]))
     with pytest.raises(ValueError, match="x is empty"):
         lossforge.stablemax(torch.randn(3, 0))

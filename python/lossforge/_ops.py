@@ -2,13 +2,18 @@
 from __future__ import annotations
 
 import importlib
+import os
 
 import torch
 
 from . import _build_config
 
 _cuda_error: str | None = None
-importlib.import_module("lossforge._C")  # registers torch.ops.lossforge.* (CPU kernels and schemas)
+# LOSSFORGE_CPU_LIBRARY: another build of the CPU ops to load instead (.ci/run: one built with sanitizers)
+if os.environ.get("LOSSFORGE_CPU_LIBRARY"):
+    torch.ops.load_library(os.environ["LOSSFORGE_CPU_LIBRARY"])
+else:
+    importlib.import_module("lossforge._C")  # registers torch.ops.lossforge.* (CPU kernels and schemas)
 if _build_config.WITH_CUDA:
     try:
         importlib.import_module("lossforge._C_cuda")  # registers the CUDA kernels

@@ -20,6 +20,7 @@ blocks of columns with an online log-sum-exp: O(n·d) memory instead of n×n buf
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from typing import NamedTuple
 
@@ -402,14 +403,31 @@ def _meta_nodes(z: torch.Tensor, assignment, soft: bool, num_clusters, fn: str):
             lo, hi = int(labels.min()), int(labels.max())
             if lo < 0 or hi >= k:
                 raise ValueError(f"{fn}: hard assignment labels must be in [0, {k}), got {lo if lo < 0 else hi}")
+    def too_large():
+        return ValueError(f"{fn}: the meta-nodes of {k} clusters ([{k}, {z.shape[1]}], {k * z.shape[1] * z.element_size()} "
+                          f"bytes) do not fit in memory: is num_clusters={num_clusters!r} right?")
+
+    # more than the machine's memory is refused before an allocation is tried (that could be granted lazily,
+    # then fault at the zero fill); smaller ones that fail still say what they were for
+    if z.device.type == "cpu" and k * (max(z.shape[1], 1) * z.element_size() + 8) > _PHYSICAL_MEMORY:
+        raise too_large()
     try:
         sums, counts = ops.pamc_segment_sum(z, labels.contiguous(), k)
     except RuntimeError as e:  # torch.OutOfMemoryError included
         if "alloc" not in str(e) and not isinstance(e, torch.OutOfMemoryError):
             raise
-        raise ValueError(f"{fn}: the meta-nodes of {k} clusters ([{k}, {z.shape[1]}], {k * z.shape[1] * z.element_size()} "
-                         f"bytes) do not fit in memory: is num_clusters={num_clusters!r} right?") from None
+        raise too_large() from None
     return sums, counts > 0
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no limit from here
+        return 1 << 62
+
+
+_PHYSICAL_MEMORY = _physical_memory()  # read once: torch.compile does not trace os.sysconf
 
 
 def _meta_term(meta: torch.Tensor, nonempty: torch.Tensor, tau: float) -> torch.Tensor:

@@ -243,6 +243,8 @@ def stablemax_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: t
     """
     fn = "stablemax_cross_entropy"
     cdim = _check_ce_args(input, target, weight, dim, ignore_index, reduction, label_smoothing, fn)
+    if not torch.compiler.is_compiling():  # compiled, the kernel raises (a data-dependent check breaks the graph)
+        _check_target_range(target, input.shape[cdim], ignore_index, fn)
     acc = _acc_dtype(input.dtype)
     w = None if weight is None else weight.to(acc).contiguous()
     loss_rows, stats = ops.stablemax_cross_entropy(
