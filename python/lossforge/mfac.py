@@ -20,6 +20,7 @@ The passes are C++/CUDA kernels (torch.ops.lossforge.mfac_*); the m x m algebra 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -495,12 +496,13 @@ class SlidingWindowIHVP:
         b[idx] = b_age
         return b.T.reshape(t.shape).to(self.dtype).contiguous()
 
-    def _insert_and_solve(self, segments):
-        """Inserts (see _insert) and returns b = K^-1 t for the new window. All or nothing: whatever raises
-        on the way (a factor that is not positive definite, an interrupt) restores the window."""
+    @contextlib.contextmanager
+    def _all_or_nothing(self):
+        """Whatever raises inside (a factor that is not positive definite, an interrupt) restores the window
+        as it was before the block."""
         snap = self._snapshot()
         try:
-            return self._solve(self._insert(segments))
+            yield
         except BaseException:
             self._restore(snap)
             raise
@@ -512,12 +514,8 @@ class SlidingWindowIHVP:
         A g with NaN or inf (or, in float32, an entry above 2^56) raises ValueError and changes nothing,
         so a training loop can skip that step and go on."""
         g = self._check_g(g)
-        snap = self._snapshot()
-        try:
+        with self._all_or_nothing():
             self._insert([(0, self.dim, [g], [], 0.0)])
-        except BaseException:
-            self._restore(snap)
-            raise
 
     def update_mul(self, g: torch.Tensor) -> torch.Tensor:
         """Insert g, then return F^-1 g with the new window (one pass 1, one pass 2). Bad g: as `update`.
@@ -528,7 +526,8 @@ class SlidingWindowIHVP:
         """
         g = self._check_g(g)
         r = self.count % self.m
-        b = self._insert_and_solve([(0, self.dim, [g], [], 0.0)])
+        with self._all_or_nothing():
+            b = self._solve(self._insert([(0, self.dim, [g], [], 0.0)]))
         G = self.G[: self._rows()]
         x = g if self.storage_dtype == self.dtype else self.G[r].to(self.dtype)
         return ops.mfac_gemv_t(G, b, x, -1.0 / self.damp, 1.0 / self.damp)

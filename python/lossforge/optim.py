@@ -240,8 +240,9 @@ class MFAC(torch.optim.Optimizer):
                                [(f"MFAC: {k} (added to its gradient by weight decay)", p) for k, p in zip(names, ps)],
                                float(group["weight_decay"])))
         _check_insertable(checks, self.dtype)  # NaN/inf raises here, before anything changes
-        b = win._insert_and_solve([(col, n, gs, ps if group["weight_decay"] > 0 else [], group["weight_decay"])
-                                   for col, n, gs, ps, group in segments])
+        with win._all_or_nothing():
+            b = win._solve(win._insert([(col, n, gs, ps if group["weight_decay"] > 0 else [], group["weight_decay"])
+                                        for col, n, gs, ps, group in segments]))
         G = win.G[: win._rows()]
         if self._momentum_buffer is None and any(g["momentum"] > 0 for g in self.param_groups):
             self._momentum_buffer = torch.zeros(win.dim, dtype=self.dtype, device=self.device)
