@@ -32,6 +32,25 @@ void with_layout(bool contiguous, F&& f) {
   else f(std::false_type{});
 }
 
+// A row whose plain sum of s(x) overflowed, summed again scaled by overflow_scale: S and S_-y (the sum
+// without class y; y = -1: none), both times `scale`. Rare, so plain loops.
+template <typename A>
+struct ScaledSums {
+  A scale, S, S_other;
+};
+
+template <typename A, typename T>
+ScaledSums<A> scaled_sums(const T* xr, int64_t V, int64_t st, int64_t y) {
+  const A scale = overflow_scale<A>(V);
+  A S = 0, S_other = 0;
+  for (int64_t c = 0; c < V; ++c) {
+    const A t = s<A>(static_cast<A>(xr[c * st])) * scale;
+    S += t;
+    S_other += c != y ? t : A(0);
+  }
+  return {scale, S, S_other};
+}
+
 template <typename T, bool Contig>
 void stablemax_rows(const T* x, T* out, RowLayout L, int64_t r0, int64_t r1, bool log) {
   using A = typename Acc<T>::type;
@@ -42,19 +61,21 @@ void stablemax_rows(const T* x, T* out, RowLayout L, int64_t r0, int64_t r1, boo
     A S = 0;
     LF_SIMD_SUM(S)
     for (int64_t c = 0; c < V; ++c) S += s<A>(static_cast<A>(xr[c * st]));
-    A scale = 1;  // p_c = s_c scale / S
+    A scale = 1;  // p_c = s_c scale / S; not 1 only where S overflowed
     if (std::isinf(S)) {
-      scale = overflow_scale<A>(V);
-      S = 0;
-      for (int64_t c = 0; c < V; ++c) S += s<A>(static_cast<A>(xr[c * st])) * scale;
-      if (std::isinf(S)) S = NAN;  // a +inf logit: the whole row is NaN, as with softmax
+      const ScaledSums<A> r = scaled_sums<A>(xr, V, st, -1);
+      scale = r.scale;
+      S = std::isinf(r.S) ? A(NAN) : r.S;  // a +inf logit: the whole row is NaN, as with softmax
     }
     if (log) {
       const A logS = std::log(S) - std::log(scale);
       for (int64_t c = 0; c < V; ++c) o[c * st] = static_cast<T>(log_s<A>(static_cast<A>(xr[c * st])) - logS);
-    } else {
+    } else if (scale == A(1)) {
       const A inv = A(1) / S;
       LF_SIMD
+      for (int64_t c = 0; c < V; ++c) o[c * st] = static_cast<T>(s<A>(static_cast<A>(xr[c * st])) * inv);
+    } else {
+      const A inv = A(1) / S;
       for (int64_t c = 0; c < V; ++c) o[c * st] = static_cast<T>(s<A>(static_cast<A>(xr[c * st])) * scale * inv);
     }
   }
@@ -134,19 +155,20 @@ void ce_forward_rows(const T* x, const int64_t* target, const typename Acc<T>::t
       S_other += c != y32 ? sc : A(0);
     }
     const A sy = s<A>(static_cast<A>(xr[y * st]));
-    A S = sy + S_other, scale = 1;  // S_other and S are scaled by `scale`
+    A S = sy + S_other;
+    A scale = 1, So = S_other, Ss = S;  // the sums the loss uses: scaled where S overflowed
     if (std::isinf(S)) {
-      scale = overflow_scale<A>(V);
-      S_other = 0;
-      for (int32_t c = 0; c < V32; ++c) S_other += c != y32 ? s<A>(static_cast<A>(xr[c * st])) * scale : A(0);
-      S = sy * scale + S_other;
-      if (std::isinf(S)) S_other = S = NAN;  // a +inf logit: NaN loss and gradient, as with softmax
+      const ScaledSums<A> r = scaled_sums<A>(xr, V, st, y);
+      scale = r.scale;
+      So = r.S_other;
+      Ss = r.S;
+      if (std::isinf(Ss)) S_other = S = So = Ss = NAN;  // a +inf logit: NaN loss and gradient, as with softmax
     }
     const A wy = weight ? weight[y] : A(1);
-    A l = A(1 - eps) * wy * nll_term(S_other, sy, scale, static_cast<A>(xr[y * st]));
+    A l = A(1 - eps) * wy * nll_term(So, sy, scale, static_cast<A>(xr[y * st]));
     if (eps > 0) {
       // label smoothing: (eps / V) * sum_c w_c * (log S - log s(x_c))
-      const A logS = std::log(S) - std::log(scale);
+      const A logS = std::log(Ss) - std::log(scale);
       A smooth = 0;
       if (weight) {
         LF_SIMD_SUM(smooth)
@@ -158,8 +180,8 @@ void ce_forward_rows(const T* x, const int64_t* target, const typename Acc<T>::t
       l += A(eps / V) * smooth;
     }
     loss[r] = l;
-    sr[0] = S_other / scale;  // inf where the sum overflowed: the backward then sums again, scaled
-    sr[1] = S / scale;
+    sr[0] = S_other;
+    sr[1] = S;  // inf where the sum overflowed: the backward then sums again, scaled
     sr[2] = wy;
   }
 }
@@ -187,35 +209,38 @@ void ce_backward_rows(const typename Acc<T>::type* grad_rows, bool grad_scalar, 
     const T* xr = x + b;
     const A* sr = stats + 3 * r;
     const A g = grad_rows[grad_scalar ? 0 : r];
-    A S_other = sr[0], S = sr[1], scale = 1;  // p_c = s_c scale / S
+    A S_other = sr[0], S = sr[1], scale = 1;  // p_c = s_c scale / S; not 1 only where S overflowed
     if (std::isinf(S)) {  // the forward's sum overflowed: sum again, scaled (see overflow_scale)
-      scale = overflow_scale<A>(V);
-      S_other = S = 0;
-      for (int64_t c = 0; c < V; ++c) {
-        const A sc = s<A>(static_cast<A>(xr[c * st])) * scale;
-        S += sc;
-        S_other += c != y ? sc : A(0);
-      }
+      const ScaledSums<A> r = scaled_sums<A>(xr, V, st, y);
+      scale = r.scale;
+      S = r.S;
+      S_other = r.S_other;
     }
     const A invS = A(1) / S, coef_t = A(1 - eps) * sr[2];
-    if (weight) {
-      LF_SIMD
-      for (int64_t c = 0; c < V; ++c) {
-        A sc, hc;
-        s_and_h<A>(static_cast<A>(xr[c * st]), sc, hc);
-        const A p = sc * scale * invS;
-        o[c * st] = static_cast<T>(g * hc * (coef_t * p + coef_s * (p * W - weight[c])));
+    // the rows' loops, with s_c scaled (kScaled) or as they are (every row but an overflowed one)
+    auto row = [&](auto scaled) {
+      constexpr bool kScaled = decltype(scaled)::value;
+      if (weight) {
+        LF_SIMD
+        for (int64_t c = 0; c < V; ++c) {
+          A sc, hc;
+          s_and_h<A>(static_cast<A>(xr[c * st]), sc, hc);
+          const A p = (kScaled ? sc * scale : sc) * invS;
+          o[c * st] = static_cast<T>(g * hc * (coef_t * p + coef_s * (p * W - weight[c])));
+        }
+      } else {
+        // without class weights W = V and w_c = 1: d = p (coef_t + eps) - eps / V
+        const A a = coef_t + coef_s * W, b = coef_s;
+        LF_SIMD
+        for (int64_t c = 0; c < V; ++c) {
+          A sc, hc;
+          s_and_h<A>(static_cast<A>(xr[c * st]), sc, hc);
+          o[c * st] = static_cast<T>(g * hc * (a * (kScaled ? sc * scale : sc) * invS - b));
+        }
       }
-    } else {
-      // without class weights W = V and w_c = 1: d = p (coef_t + eps) - eps / V
-      const A a = coef_t + coef_s * W, b = coef_s;
-      LF_SIMD
-      for (int64_t c = 0; c < V; ++c) {
-        A sc, hc;
-        s_and_h<A>(static_cast<A>(xr[c * st]), sc, hc);
-        o[c * st] = static_cast<T>(g * hc * (a * sc * scale * invS - b));
-      }
-    }
+    };
+    if (scale == A(1)) row(std::false_type{});
+    else row(std::true_type{});
     const A xy = static_cast<A>(xr[y * st]);
     const A py = s<A>(xy) * scale * invS;
     const A wy = weight ? weight[y] : A(1);

@@ -139,7 +139,8 @@ __global__ void ce_forward_kernel(const T* __restrict__ x, const int64_t* __rest
   }
   S_other = group_sum<G>(S_other);
   sy = group_sum<G>(sy);
-  A S = sy + S_other, scale = 1;  // S_other and S are scaled by `scale`
+  A S = sy + S_other;
+  A scale = 1, So = S_other, Ss = S;  // the sums the loss uses: scaled where S overflowed
   if (group_any<G>(::isinf(S))) {
     const A sc = overflow_scale<A>(L.V);
     A so = 0;
@@ -148,14 +149,14 @@ __global__ void ce_forward_kernel(const T* __restrict__ x, const int64_t* __rest
     so = group_sum<G>(so);
     if (::isinf(S)) {
       scale = sc;
-      S_other = so;
-      S = sy * sc + so;
-      if (::isinf(S)) S_other = S = A(NAN);  // a +inf logit: NaN loss and gradient, as with softmax
+      So = so;
+      Ss = sy * sc + so;
+      if (::isinf(Ss)) S_other = S = So = Ss = A(NAN);  // a +inf logit: NaN loss and gradient, as with softmax
     }
   }
   A smooth = 0;
   if (eps > 0) {
-    const A logS = ::log(S) - ::log(scale);
+    const A logS = ::log(Ss) - ::log(scale);
     for (int64_t c = lane; c < V; c += G)
       smooth += (weight ? weight[c] : A(1)) * (logS - log_s<A>(static_cast<A>(x[b + c * st])));
     smooth = group_sum<G>(smooth);
@@ -168,9 +169,9 @@ __global__ void ce_forward_kernel(const T* __restrict__ x, const int64_t* __rest
     return;
   }
   const A wy = weight ? weight[y] : A(1);
-  loss[r] = A(1 - eps) * wy * nll_term(S_other, sy, scale, static_cast<A>(x[b + y * st])) + A(eps / L.V) * smooth;
-  sr[0] = S_other / scale;  // inf where the sum overflowed: the backward then sums again, scaled
-  sr[1] = S / scale;
+  loss[r] = A(1 - eps) * wy * nll_term(So, sy, scale, static_cast<A>(x[b + y * st])) + A(eps / L.V) * smooth;
+  sr[0] = S_other;
+  sr[1] = S;  // inf where the sum overflowed: the backward then sums again, scaled
   sr[2] = wy;
 }
 
