@@ -42,10 +42,6 @@ def ops():
     return torch.ops.lossforge_emulated
 
 
-def sanitized() -> bool:
-    return bool(load().lf_emu_sanitized())
-
-
 def set_order(order: str, seed: int = 0) -> None:
     if load().lf_emu_set_order(order.encode(), seed) != 0:
         raise ValueError(f"unknown thread order {order!r}; one of {ORDERS}")

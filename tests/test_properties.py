@@ -20,6 +20,7 @@ from lossforge.optim import MFAC
 from lossforge.reference import pamc as pamc_ref
 from lossforge.reference import sliced_wasserstein as sw_ref
 from test_betti_matching import reference_build
+from test_mfac import _same_state, _window_state
 
 settings.register_profile("ci", max_examples=30, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -187,10 +188,6 @@ def test_betti_matching_nan_raises(seed, where):
 
 # ---- M-FAC -------------------------------------------------------------------------------------------------
 
-def _state(W):
-    return [t.clone() for t in (W.G, W.gram, W.U)] + [W.count, W.since_refactor]
-
-
 @given(seed=seeds, m=st.integers(1, 6), dim=st.integers(1, 40), steps=st.integers(1, 14),
        warmup=st.sampled_from(["scaled", "zeros"]), damp=st.sampled_from([1e-1, 1e-3]))
 def test_mfac_window_against_dense_solve_and_bad_steps(seed, m, dim, steps, warmup, damp):
@@ -204,11 +201,10 @@ def test_mfac_window_against_dense_solve_and_bad_steps(seed, m, dim, steps, warm
         if s % 3 == 1:
             bad = torch.randn(dim, generator=g, dtype=F64)
             bad[int(torch.randint(0, dim, (1,), generator=g))] = [math.nan, math.inf, -math.inf][s % 3]
-            before = _state(W)
+            before = _window_state(W)
             with pytest.raises(ValueError, match="non-finite entry"):
                 W.update_mul(bad)
-            after = _state(W)
-            assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b for a, b in zip(before, after))
+            assert _same_state(_window_state(W), before)
         gr = torch.randn(dim, generator=g, dtype=F64)
         W.update(gr)
         grads.append(gr)
@@ -233,7 +229,7 @@ def test_mfac_bad_state_dict_changes_nothing(seed, key, value):
     sd = copy.deepcopy(W.state_dict())
     target = mfac.SlidingWindowIHVP(10, 3, 1e-2, F64)
     target.update(torch.randn(10, generator=g, dtype=F64))
-    before = _state(target)
+    before = _window_state(target)
     v = sd[key]
     if isinstance(v, torch.Tensor):
         sd[key] = {"nan": v.clone().fill_(math.nan), "shape": v[:-1], "negative": -v, "type": v.tolist()}[value]
@@ -242,7 +238,7 @@ def test_mfac_bad_state_dict_changes_nothing(seed, key, value):
         sd[key] = {"nan": math.nan, "shape": [v], "negative": -abs(v) - 1, "type": str(v)}[value]
     with pytest.raises((ValueError, TypeError)):
         target.load_state_dict(sd)
-    assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b for a, b in zip(before, _state(target)))
+    assert _same_state(_window_state(target), before)
 
 
 @given(seed=seeds, momentum=st.sampled_from([0.0, 0.9]), wd=st.sampled_from([0.0, 0.01]),

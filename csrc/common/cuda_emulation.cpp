@@ -271,15 +271,14 @@ void yield(State s) {
   Executor& e = ex();
   Fiber& f = e.fibers[e.current];
   f.state = s;
-  const bool final = s == State::kDone || s == State::kFailed;
 #if LF_EMU_ASAN
+  const bool final = s == State::kDone || s == State::kFailed;  // its fake stack is not needed again
   __sanitizer_start_switch_fiber(final ? nullptr : &f.asan_fake_stack, e.main_stack_bottom, e.main_stack_size);
 #endif
   lf_emu_switch(&f.sp, e.main_sp);
 #if LF_EMU_ASAN
   __sanitizer_finish_switch_fiber(f.asan_fake_stack, &e.main_stack_bottom, &e.main_stack_size);
 #endif
-  (void)final;
 }
 
 // A check that fails inside a thread: recorded, and the fiber never runs again.
@@ -687,5 +686,4 @@ __attribute__((visibility("default"))) const char* lf_emu_kernel_table() {
 }
 
 
-__attribute__((visibility("default"))) int lf_emu_sanitized() { return LF_EMU_ASAN; }
 }
