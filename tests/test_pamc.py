@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from scipy.special import logsumexp
 
 import lossforge
-from lossforge import pamc
+from lossforge import _pamc as pamc
 from lossforge.reference import pamc as ref
 
 ops = torch.ops.lossforge

@@ -10,7 +10,7 @@ import torch
 import lossforge
 from lossforge import nn as lfnn
 from lossforge.reference import sliced_wasserstein as ref
-from lossforge.sliced_wasserstein import random_projections
+from lossforge import random_projections
 
 ops = torch.ops.lossforge
 F64 = torch.float64

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import lossforge
 from lossforge.reference import stablemax as ref
-from lossforge.stablemax import _orthograd_
+from lossforge._stablemax import _orthograd_
 
 ops = torch.ops.lossforge
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}

@@ -1,7 +1,7 @@
 """torch.nn modules built on lossforge's functional API."""
 import torch
 
-from .stablemax import _check_options, stablemax_cross_entropy
+from ._stablemax import _check_options, stablemax_cross_entropy
 
 __all__ = [
     "StableMaxCrossEntropyLoss",
@@ -42,7 +42,7 @@ class StableMaxCrossEntropyLoss(torch.nn.Module):
                 f"label_smoothing={self.label_smoothing}, dim={self.dim}")
 
 # Sliced Wasserstein
-from .sliced_wasserstein import (  # noqa: E402
+from ._sliced_wasserstein import (  # noqa: E402
     _check_count,
     _check_p,
     _check_reduction,
@@ -171,7 +171,7 @@ class BettiMatchingLoss(torch.nn.Module):
     def __init__(self, filtration="superlevel", relative=False, strict=False, dims=None,
                  include_target_unmatched=True, reduction="mean"):
         super().__init__()
-        from .betti_matching import FILTRATIONS, REDUCTIONS, _check_choice
+        from ._betti_matching import FILTRATIONS, REDUCTIONS, _check_choice
 
         _check_choice(filtration, "filtration", FILTRATIONS)
         _check_choice(reduction, "reduction", REDUCTIONS)
@@ -180,7 +180,7 @@ class BettiMatchingLoss(torch.nn.Module):
         self.include_target_unmatched, self.reduction = include_target_unmatched, reduction
 
     def forward(self, pred, target):
-        from .betti_matching import betti_matching_loss
+        from ._betti_matching import betti_matching_loss
 
         return betti_matching_loss(pred, target, self.filtration, self.relative, self.strict, self.dims,
                                    self.include_target_unmatched, self.reduction)
@@ -209,7 +209,7 @@ class DiceBettiMatchingLoss(torch.nn.Module):
         self.reduction = reduction
 
     def forward(self, pred, target):
-        from .betti_matching import _check_images, _check_pair, _check_tensor, _reduce
+        from ._betti_matching import _check_images, _check_pair, _check_tensor, _reduce
 
         # the Betti term validates too, but the Dice term would broadcast mismatched shapes first
         _check_tensor(pred, "pred")
@@ -230,7 +230,7 @@ class DiceBettiMatchingLoss(torch.nn.Module):
 
 
 # PamC
-from . import pamc as _pamc  # noqa: E402
+from . import _pamc  # noqa: E402
 
 
 class PamCLoss(torch.nn.Module):

@@ -1,7 +1,7 @@
 """Optimizers built on lossforge's kernels."""
 import torch
 
-from .stablemax import _orthograd_
+from ._stablemax import _orthograd_
 
 __all__ = ["OrthoGrad", "MFAC"]
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import lossforge
 from lossforge.bench import Case, floor_ms
 from lossforge.reference import stablemax as ref
-from lossforge.stablemax import _orthograd_
+from lossforge._stablemax import _orthograd_
 
 FAMILY = "stablemax"
 
