@@ -1,11 +1,14 @@
 """Betti matching family: barcodes against gudhi and cripser, matchings against the Betti-Matching-3D
 reference build (inside the topolosses wheel) and the pure reference, the invariants of the spec,
 the loss and its gradient, options, modules and bad input."""
+import dataclasses
 import glob
 import importlib
 import importlib.util
 import os
 import sys
+import types
+import warnings
 
 import numpy as np
 import pytest
@@ -30,6 +33,25 @@ def reference_build():
     if folder not in sys.path:
         sys.path.insert(0, folder)
     return importlib.import_module("betti_matching")
+
+
+def topolosses_betti_loss():
+    """topolosses' BettiMatchingLoss class. `import topolosses.losses` imports every loss of the package
+    (cv2 for one of them), so its betti_matching subpackage is imported on its own, under a private
+    package name, with the reference build above as its extension."""
+    spec = importlib.util.find_spec("topolosses")
+    assert spec is not None, "topolosses is not installed (pip install --no-deps topolosses)"
+    losses = os.path.join(os.path.dirname(spec.origin), "losses")
+    build = reference_build()
+    for name, path in (("_topolosses_ref", losses), ("_topolosses_ref.betti_matching", os.path.join(losses, "betti_matching")),
+                       ("_topolosses_ref.betti_matching.src", os.path.join(losses, "betti_matching", "src"))):
+        if name not in sys.modules:
+            module = types.ModuleType(name)
+            module.__path__ = [path]
+            sys.modules[name] = module
+    sys.modules["_topolosses_ref.betti_matching.src.betti_matching"] = build
+    sys.modules["_topolosses_ref.betti_matching.src"].betti_matching = build
+    return importlib.import_module("_topolosses_ref.betti_matching.src.betti_matching_loss").BettiMatchingLoss
 
 
 def flat_rows(arrays, shape):
@@ -114,7 +136,7 @@ KINDS = [("continuous", "binary"), ("ties", "ties"), ("continuous", "continuous"
 # ---- barcodes -----------------------------------------------------------------------------------
 
 def our_bars(img, filtration="sublevel", include_essential=False):
-    bc = lossforge.persistence_barcode(torch.as_tensor(img), filtration, include_essential)
+    bc = lossforge.persistence_barcode(torch.as_tensor(img), filtration, include_essential=include_essential)
     return [sorted(zip(b.tolist(), d.tolist())) for b, d in zip(bc.births, bc.deaths)], bc
 
 
@@ -221,6 +243,47 @@ def test_batch_matches_reference_build(filtration, gen):
             pi, ti = p.reshape(-1, 15, 14)[i], t.reshape(-1, 15, 14)[i]
             f, g = ((1 - pi, 1 - ti) if filtration == "superlevel" else (pi, ti))
             assert as_sets(r, (15, 14)) == build_matching(f.numpy(), g.numpy())
+
+
+def ordered_rows(result_or_build, shape, build):
+    """Per dimension the (matched, unmatched pred, unmatched target) rows in the order given."""
+    out = []
+    for k in range(len(shape)):
+        if build:
+            r = result_or_build
+            m = list(zip(*(flat_rows(a[k], shape) for a in (
+                r.input1_matched_birth_coordinates, r.input1_matched_death_coordinates,
+                r.input2_matched_birth_coordinates, r.input2_matched_death_coordinates))))
+            u = list(zip(flat_rows(r.input1_unmatched_birth_coordinates[k], shape), flat_rows(r.input1_unmatched_death_coordinates[k], shape)))
+            v = list(zip(flat_rows(r.input2_unmatched_birth_coordinates[k], shape), flat_rows(r.input2_unmatched_death_coordinates[k], shape)))
+        else:
+            r = result_or_build
+            fl = lambda t: flat_rows(t.numpy(), shape)
+            m = list(zip(fl(r.pred_matched_birth[k]), fl(r.pred_matched_death[k]), fl(r.target_matched_birth[k]), fl(r.target_matched_death[k])))
+            u = list(zip(fl(r.pred_unmatched_birth[k]), fl(r.pred_unmatched_death[k])))
+            v = list(zip(fl(r.target_unmatched_birth[k]), fl(r.target_unmatched_death[k])))
+        out.append((m, u, v))
+    return out
+
+
+@pytest.mark.parametrize("shape", [(24, 17), (7, 6, 8), (10, 9, 8), (5, 1, 6)])
+@pytest.mark.parametrize("kinds", [("continuous", "binary"), ("ties", "ties"), ("continuous", "continuous"),
+                                   ("smooth", "binary")])
+def test_pairs_come_in_the_reference_order(shape, kinds, gen):
+    """Not only the same pairs as the Betti-Matching-3D build but in its order, 3D dimension 1 included
+    (there it was the same set in another order: matched pairs now come by the comparison image's
+    death face, unmatched bars by their own death face, in filtration order); barcodes too."""
+    p, t = pair(shape, gen, *kinds)
+    f, g = (1 - p).numpy(), (1 - t).numpy()
+    build = reference_build()
+    r, res = build.compute_matching(f, g), lossforge.betti_matching(p, t)
+    assert ordered_rows(res, shape, False) == ordered_rows(r, shape, True)
+    assert (res.num_matched, res.num_unmatched_pred, res.num_unmatched_target) == \
+        (list(r.num_matched), list(r.num_unmatched_input1), list(r.num_unmatched_input2))
+    bc, rb = lossforge.persistence_barcode(p), build.compute_barcode(f)
+    for k in range(len(shape)):
+        assert list(zip(flat_rows(bc.birth_coords[k].numpy(), shape), flat_rows(bc.death_coords[k].numpy(), shape))) == \
+            list(zip(flat_rows(rb.birth_coordinates[k], shape), flat_rows(rb.death_coordinates[k], shape)))
 
 
 @pytest.mark.parametrize("shape", [(5, 6), (3, 4, 4)])
@@ -438,13 +501,14 @@ def test_loss_float32_and_half_inputs(gen, device):
 def test_loss_reduction_and_target_unmatched(reduction, gen, device):
     p, t = pair((3, 2, 12, 13), gen, "continuous", "smooth")
     p, t = p.to(device), t.to(device)
-    per = lossforge.betti_matching_loss(p, t, reduction="none")
+    per = lossforge.betti_matching_loss(p, t, include_background=True, reduction="none")
     assert per.shape == (3, 2)
-    out = lossforge.betti_matching_loss(p, t, reduction=reduction)
+    out = lossforge.betti_matching_loss(p, t, include_background=True, reduction=reduction)
     expected = {"mean": per.mean(), "sum": per.sum(), "none": per}[reduction]
     torch.testing.assert_close(out, expected)
     # dropping the target's unmatched bars removes exactly their (constant) terms
-    without = lossforge.betti_matching_loss(p, t, reduction="none", include_target_unmatched=False)
+    without = lossforge.betti_matching_loss(p, t, include_background=True, reduction="none",
+                                            include_target_unmatched=False)
     g = 1 - t
     for i in range(6):
         res = lossforge.betti_matching(p.reshape(6, 12, 13)[i], t.reshape(6, 12, 13)[i])
@@ -463,13 +527,16 @@ def test_dims_weights_are_linear(gen, device):
     torch.testing.assert_close(lossforge.betti_matching_loss(p, t, reduction="none"), sum(parts))
 
 
-def test_bothlevel_is_the_sum_of_both_filtrations(gen, device):
+def test_bothlevel_is_the_mean_of_both_filtrations(gen, device):
+    """topolosses' "bothlevels" averages the two filtrations (it was the sum, twice topolosses' value)."""
     p, t = pair((2, 2, 11, 12), gen, "ties", "continuous")
     p, t = p.to(device), t.to(device)
-    both = lossforge.betti_matching_loss(p, t, filtration="bothlevel", reduction="none")
-    sup = lossforge.betti_matching_loss(p, t, filtration="superlevel", reduction="none")
-    sub = lossforge.betti_matching_loss(p, t, filtration="sublevel", reduction="none")
-    torch.testing.assert_close(both, sup + sub)
+    both = lossforge.betti_matching_loss(p, t, filtration="bothlevel", include_background=True, reduction="none")
+    torch.testing.assert_close(lossforge.betti_matching_loss(p, t, filtration="bothlevels", include_background=True,
+                                                         reduction="none"), both)
+    sup = lossforge.betti_matching_loss(p, t, filtration="superlevel", include_background=True, reduction="none")
+    sub = lossforge.betti_matching_loss(p, t, filtration="sublevel", include_background=True, reduction="none")
+    torch.testing.assert_close(both, (sup + sub) / 2)
     res = lossforge.betti_matching(p[0, 0], t[0, 0], filtration="bothlevel")
     assert res[0].filtration == "superlevel" and res[1].filtration == "sublevel"
     assert as_sets(res[1], (11, 12)) == as_sets(lossforge.betti_matching(p[0, 0], t[0, 0], filtration="sublevel"), (11, 12))
@@ -590,10 +657,259 @@ def test_betti_matching_error_is_loss_of_binarised_inputs(gen, device):
             pb, tb = (p >= 0.4).double(), (t >= 0.4).double()
         else:
             pb, tb = (p <= 0.4).double(), (t <= 0.4).double()
-        torch.testing.assert_close(err, lossforge.betti_matching_loss(pb, tb, reduction="none").to(err.dtype))
+        torch.testing.assert_close(err, lossforge.betti_matching_loss(pb, tb, include_background=True,
+                                                                     reduction="none").to(err.dtype))
     both = lossforge.betti_matching_error(p, t, threshold=0.4, filtration="bothlevel", reduction="sum")
     assert both.item() == (lossforge.betti_matching_error(p, t, 0.4, "superlevel", reduction="sum")
                            + lossforge.betti_matching_error(p, t, 0.4, "sublevel", reduction="sum")).item()
+
+
+# ---- topolosses' options ------------------------------------------------------------------------
+
+# (lossforge keyword arguments, the same loss in topolosses' BettiMatchingLoss arguments)
+TOPOLOSSES_OPTIONS = [
+    ({}, {}),
+    ({"include_background": True}, {"include_background": True}),
+    ({"activation": "sigmoid"}, {"sigmoid": True}),
+    ({"activation": "softmax"}, {"softmax": True}),
+    ({"activation": "softmax", "include_background": True}, {"softmax": True, "include_background": True}),
+    ({"topology_weights": (0.3, 2.5)}, {"topology_weights": (0.3, 2.5)}),
+    ({"push_unmatched_to_1_0": True}, {"push_unmatched_to_1_0": True}),
+    ({"barcode_length_threshold": 0.25}, {"barcode_length_threshold": 0.25}),
+    ({"sphere": True}, {"sphere": True}),
+    ({"sphere": True, "filtration": "sublevel"}, {"sphere": True, "filtration_type": "sublevel"}),
+    ({"filtration": "sublevel"}, {"filtration_type": "sublevel"}),
+    ({"filtration": "bothlevels"}, {"filtration_type": "bothlevels"}),
+    ({"filtration": "bothlevel", "push_unmatched_to_1_0": True, "sphere": True, "topology_weights": (2.0, 0.5),
+      "barcode_length_threshold": 0.1},
+     {"filtration_type": "bothlevels", "push_unmatched_to_1_0": True, "sphere": True, "topology_weights": (2.0, 0.5),
+      "barcode_length_threshold": 0.1}),
+    ({"filtration": "sublevel", "push_unmatched_to_1_0": True, "activation": "sigmoid"},
+     {"filtration_type": "sublevel", "push_unmatched_to_1_0": True, "sigmoid": True}),
+]
+
+
+def topolosses_value_and_grad(x, t, use_base_loss, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its notes on alpha and on single-channel inputs
+        loss_fn = topolosses_betti_loss()(use_base_loss=use_base_loss, **kw)
+        x = x.detach().clone().requires_grad_()
+        value = loss_fn(x, t)
+    value.backward()
+    return value.detach(), x.grad
+
+
+def option_inputs(shape, gen, logits):
+    """float32 inputs (topolosses computes in float32: the same values reach both cores)."""
+    if logits:
+        x = 3 * torch.randn(shape, generator=gen)
+    else:  # smoothed per image (a smoothing over the channels of a 3-channel tensor makes them equal)
+        x = torch.stack([probs(shape[2:], gen, "smooth", torch.float32) for _ in range(shape[0] * shape[1])])
+    t = torch.stack([probs(shape[2:], gen, "smooth", torch.float32) > 0.5 for _ in range(shape[0] * shape[1])])
+    return x.reshape(shape), t.reshape(shape).float()
+
+
+# topolosses' 3D sphere pads only H and W of a volume (lossforge pads all three axes): 2D only
+OPTION_CASES = [pytest.param(shape, ours, theirs, id=f"{len(shape) - 2}d-{sorted(ours)}")
+                for shape in [(2, 3, 13, 12), (1, 2, 7, 6, 5)] for ours, theirs in TOPOLOSSES_OPTIONS
+                if len(shape) == 4 or not ours.get("sphere")]
+
+
+@pytest.mark.parametrize("shape, ours, theirs", OPTION_CASES)
+def test_loss_options_match_topolosses(shape, ours, theirs, gen, device):
+    """Every option of topolosses' BettiMatchingLoss (use_base_loss=False): the same value and the same
+    gradient (topolosses: float32 throughout)."""
+    x, t = option_inputs(shape, gen, "activation" in ours)
+    want, want_grad = topolosses_value_and_grad(x, t, False, **theirs)
+    xd = x.to(device).requires_grad_()
+    got = lossforge.betti_matching_loss(xd, t.to(device), **ours)
+    got.backward()
+    torch.testing.assert_close(got.cpu(), want, rtol=2e-5, atol=1e-5)
+    torch.testing.assert_close(xd.grad.cpu(), want_grad, rtol=2e-4, atol=1e-5)
+    module = lnn.BettiMatchingLoss(**ours)
+    torch.testing.assert_close(module(x.to(device), t.to(device)).cpu(), got.detach().cpu())
+    if "filtration" in theirs:  # topolosses' FiltrationType members are accepted too
+        member = sys.modules["_topolosses_ref.utils"].FiltrationType(theirs["filtration_type"])
+        kw = dict(ours, filtration=member)
+        torch.testing.assert_close(lossforge.betti_matching_loss(x.to(device), t.to(device), **kw), got.detach())
+
+
+def test_options_change_the_loss(gen):
+    """The options matter on these inputs (so the comparison above can fail). (sphere alone adds a frame
+    that enters the superlevel filtration last, with the pixels of probability 0: it changes only
+    ties at 0; with the sublevel filtration it enters first.)"""
+    x, t = option_inputs((2, 3, 13, 12), gen, False)
+    base = lossforge.betti_matching_loss(x, t).item()
+    for kw in TOPOLOSSES_OPTIONS[1:]:
+        if "activation" in kw[0] or kw[0] == {"sphere": True}:
+            continue
+        assert lossforge.betti_matching_loss(x, t, **kw[0]).item() != pytest.approx(base, rel=1e-3), kw[0]
+
+
+def test_sphere_pads_every_side_with_background(gen, device):
+    """sphere=True is the loss of the images padded with a frame of probability 0 (in 3D on all three
+    axes); push_unmatched_to_1_0 and barcode_length_threshold against the formula on the matching."""
+    x, t = option_inputs((1, 1, 5, 6, 4), gen, False)
+    x, t = x.double().to(device), t.double().to(device)
+    pad = lambda a: torch.nn.functional.pad(a, (1, 1, 1, 1, 1, 1), value=0.0)
+    torch.testing.assert_close(lossforge.betti_matching_loss(x, t, sphere=True), lossforge.betti_matching_loss(pad(x), pad(t)))
+    res = lossforge.betti_matching(x[0, 0], t[0, 0], sphere=True)
+    assert as_sets(res, (7, 8, 6)) == as_sets(lossforge.betti_matching(pad(x)[0, 0], pad(t)[0, 0]), (7, 8, 6))
+    f, g = 1 - pad(x)[0, 0], 1 - pad(t)[0, 0]
+    at = lambda img, c: img[tuple(c.T)]
+    want = 0.0
+    for k in range(3):
+        want += 2 * (((at(f, res.pred_matched_birth[k]) - at(g, res.target_matched_birth[k])) ** 2).sum()
+                     + ((at(f, res.pred_matched_death[k]) - at(g, res.target_matched_death[k])) ** 2).sum())
+        b, d = at(f, res.pred_unmatched_birth[k]), at(f, res.pred_unmatched_death[k])
+        want += (2 * ((b - 1) ** 2 + d ** 2) * ((b - d).abs() > 0.2)).sum()
+        want += (2 * ((at(g, res.target_unmatched_birth[k]) - 1) ** 2 + at(g, res.target_unmatched_death[k]) ** 2)).sum()
+    got = lossforge.betti_matching_loss(x, t, sphere=True, push_unmatched_to_1_0=True, barcode_length_threshold=0.2)
+    torch.testing.assert_close(got, want)
+
+
+DICE_CASES = [pytest.param(shape, kw, theirs, id=f"{shape}-{sorted(kw)}")
+              for shape in [(2, 3, 12, 11), (3, 1, 9, 10), (1, 2, 6, 5, 4)]
+              for kw, theirs in [({}, {}), ({"activation": "softmax", "alpha": 0.3}, {"softmax": True, "alpha": 0.3}),
+                                 ({"activation": "sigmoid", "filtration": "bothlevels"},
+                                  {"sigmoid": True, "filtration_type": "bothlevels"})]
+              if shape[1] > 1 or kw.get("activation") != "softmax"]  # softmax needs several channels
+
+
+@pytest.mark.parametrize("shape, kw, theirs", DICE_CASES)
+def test_dice_betti_defaults_match_topolosses(shape, kw, theirs, gen, device):
+    """lossforge.nn.DiceBettiMatchingLoss() is topolosses' BettiMatchingLoss() (Dice over every channel +
+    0.5 Betti matching without the background channel): same call, same value, same gradient."""
+    x, t = option_inputs(shape, gen, "activation" in kw)
+    want, want_grad = topolosses_value_and_grad(x, t, True, **theirs)
+    xd = x.to(device).requires_grad_()
+    got = lnn.DiceBettiMatchingLoss(**kw)(xd, t.to(device))
+    got.backward()
+    torch.testing.assert_close(got.cpu(), want, rtol=2e-5, atol=1e-5)
+    torch.testing.assert_close(xd.grad.cpu(), want_grad, rtol=2e-4, atol=1e-5)
+
+
+def test_dice_betti_reduction_none_and_alpha(gen):
+    x, t = option_inputs((2, 3, 10, 9), gen, False)
+    per = lnn.DiceBettiMatchingLoss(alpha=0.7, reduction="none")(x, t)
+    assert per.shape == (2, 3)
+    dice = lnn.DiceBettiMatchingLoss(alpha=0.0, reduction="none")(x, t)
+    betti = lossforge.betti_matching_loss(x, t, reduction="none")  # channels 1 and 2
+    torch.testing.assert_close(per, dice + 0.7 * torch.cat([torch.zeros(2, 1), betti], 1))
+    # alpha >= 1 keeps the Dice term (topolosses drops it there)
+    torch.testing.assert_close(lnn.DiceBettiMatchingLoss(alpha=1.0)(x, t), dice.mean() + betti.mean())
+
+
+# ---- torch.compile ------------------------------------------------------------------------------
+
+COMPILE_ENTRY_POINTS = (
+    "lossforge.persistence_barcode",
+    "lossforge.betti_matching",
+    "lossforge.betti_matching_loss",
+    "lossforge.betti_matching_error",
+    "lossforge.betti_number_error",
+    "lossforge.nn.BettiMatchingLoss",
+    "lossforge.nn.DiceBettiMatchingLoss",
+)
+
+LOSS_COMPILE_CASES = [
+    ("function", (2, 3, 9, 8), {}),
+    ("function", (1, 2, 5, 4, 6), {"filtration": "bothlevel", "sphere": True, "dims": (1.0, 0.5, 2.0)}),
+    ("function", (2, 1, 8, 7), {"push_unmatched_to_1_0": True, "barcode_length_threshold": 0.1, "activation": "sigmoid"}),
+    ("BettiMatchingLoss", (2, 3, 9, 8), {"activation": "softmax", "include_background": True, "relative": True}),
+    ("DiceBettiMatchingLoss", (2, 3, 9, 8), {}),
+    ("DiceBettiMatchingLoss", (2, 2, 7, 8), {"activation": "softmax", "reduction": "none", "topology_weights": (1.0, 2.0)}),
+]
+
+
+@pytest.mark.parametrize("kind, shape, kw", LOSS_COMPILE_CASES)
+def test_losses_compile_fullgraph(kind, shape, kw, gen):
+    """The losses go into compiled training steps: fullgraph=True, the eager value and gradient."""
+    torch._dynamo.reset()
+    x, t = option_inputs(shape, gen, "activation" in kw)
+    if kind == "function":
+        fn = lambda a, b: lossforge.betti_matching_loss(a, b, **kw)
+    else:
+        fn = getattr(lnn, kind)(**kw)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    want, got = fn(xe, t), compiled(xc, t)
+    torch.testing.assert_close(got, want)
+    want.sum().backward()
+    got.sum().backward()
+    torch.testing.assert_close(xc.grad, xe.grad)
+    # a second call with other values reuses the graph and follows the data
+    x2, t2 = option_inputs(shape, gen, "activation" in kw)
+    torch.testing.assert_close(compiled(x2, t2), fn(x2, t2))
+
+
+@pytest.mark.parametrize("metric", ["betti_matching_error", "betti_number_error"])
+@pytest.mark.parametrize("shape", [(2, 2, 9, 8), (1, 1, 5, 6, 4)])
+def test_metrics_compile_fullgraph(metric, shape, gen):
+    torch._dynamo.reset()
+    fn = getattr(lossforge, metric)
+    p, t = pair(shape, gen, "smooth", "binary", torch.float32)
+    compiled = torch.compile(lambda a, b: fn(a, b, 0.4, relative=True, reduction="none"), fullgraph=True,
+                             backend="aot_eager")
+    torch.testing.assert_close(compiled(p, t), fn(p, t, 0.4, relative=True, reduction="none"))
+
+
+def test_structured_results_compile_with_graph_breaks(gen):
+    """persistence_barcode and betti_matching return Python data of a data-dependent size: they compile
+    with graph breaks (fullgraph=False; documented) and give the eager results."""
+    torch._dynamo.reset()
+    p, t = pair((2, 1, 7, 6), gen, "continuous", "binary")
+    bm = torch.compile(lambda a, b: lossforge.betti_matching(a, b, strict=True), backend="aot_eager")
+    got, want = bm(p, t), lossforge.betti_matching(p, t, strict=True)
+    assert [as_sets(r, (7, 6)) for r in got] == [as_sets(r, (7, 6)) for r in want]
+    for a, b in zip(got, want):
+        for field in dataclasses.fields(a):
+            va, vb = getattr(a, field.name), getattr(b, field.name)
+            assert va == vb if isinstance(va, str) else all(torch.equal(u, v) for u, v in zip(va, vb))
+    torch._dynamo.reset()
+    bc = torch.compile(lambda a: lossforge.persistence_barcode(a, include_essential=True), backend="aot_eager")
+    got, want = bc(p[0, 0]), lossforge.persistence_barcode(p[0, 0], include_essential=True)
+    for name in ("births", "deaths", "birth_coords", "death_coords"):
+        assert all(torch.equal(u, v) for u, v in zip(getattr(got, name), getattr(want, name)))
+
+
+def test_ops_opcheck_host_ops(gen):
+    """The host ops behind the entry points (data checks + core): schema and fake tensors."""
+    p, t = pair((3, 7, 6), gen, "continuous", "binary")
+    for args in ((p, t, "superlevel", False, False, False, True, True), (p, t, "bothlevel", False, True, True, False, False)):
+        torch.library.opcheck(ops._betti_matching_rows.default, args, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(ops._persistence_rows.default, (p, True, True, "image"), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_fake_kernels_check_arguments(gen):
+    """The fake kernels check what the C++ kernels check, with the same message: meta tensors (which
+    reach only the fakes) and a direct op call under torch.compile fail as in eager."""
+    f = torch.rand(2, 5, 6, dtype=torch.float64)
+    long0 = torch.zeros(0, 5, dtype=torch.long)
+    cases = [
+        (lambda f: ops.betti_matching_pairs(f, f[:, :4].contiguous(), False, True), "f and g must have the same shape"),
+        (lambda f: ops.betti_matching_pairs(f, f.float(), False, True), "f and g must have the same dtype"),
+        (lambda f: ops.betti_matching_pairs(f[0], f[0], False, True), r"must have shape \[N, H, W\] or \[N, D, H, W\]"),
+        (lambda f: ops.persistence_pairs(f.half(), False), "float32 or float64"),
+        (lambda f: ops.betti_matching_loss_rows(f.reshape(2, -1), f.reshape(2, -1), long0.to(f.device),
+                                                torch.ones(2, 3, dtype=torch.float32, device=f.device)),
+         "weights must be float64"),
+        (lambda f: ops.betti_matching_loss_rows(f.reshape(2, -1), f.reshape(2, -1)[:1], long0.to(f.device),
+                                                torch.ones(2, 3, dtype=torch.float64, device=f.device)),
+         "target must have pred's shape"),
+        (lambda f: ops.betti_matching_loss_rows_backward(torch.ones(3, dtype=f.dtype, device=f.device), f.reshape(2, -1),
+                                                         f.reshape(2, -1), long0.to(f.device),
+                                                         torch.ones(2, 3, dtype=torch.float64, device=f.device)),
+         "grad must have one element per instance"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call(f)
+        with pytest.raises(RuntimeError, match=message):
+            call(f.to("meta"))
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match=message):
+            torch.compile(call, fullgraph=True, backend="aot_eager")(f)
 
 
 # ---- modules ------------------------------------------------------------------------------------
@@ -660,6 +976,90 @@ def test_bad_input(gen):
         lnn.DiceBettiMatchingLoss(alpha=-1)
     with pytest.raises(ValueError, match="target must have pred's shape"):  # not broadcast by the Dice term
         lnn.DiceBettiMatchingLoss(alpha=0.0)(p.expand(1, 2, 6, 6), t)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_bad_values_raise_value_error(compiled, gen):
+    """Logits passed as probabilities, +-inf, a {0, 255} mask: ValueError naming the argument and the fix
+    (they gave a loss: 1.3e7 for the mask); NaN keeps raising; eager and compiled alike (the checks run
+    inside the op)."""
+    torch._dynamo.reset()
+    loss = lossforge.betti_matching_loss
+    if compiled:
+        loss = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    p, t = pair((1, 1, 8, 9), gen, "continuous", "binary", torch.float32)
+    logits = torch.randn(1, 1, 8, 9, generator=gen) * 3
+    with pytest.raises(ValueError, match=r"pred has values outside \[0, 1\].*activation='sigmoid'"):
+        loss(logits, t)
+    for bad in (float("inf"), float("-inf")):
+        x = p.clone()
+        x[0, 0, 3, 4] = bad
+        with pytest.raises(ValueError, match=r"pred has values outside \[0, 1\]"):
+            loss(x, t)
+    mask = (t * 255).to(torch.uint8)
+    with pytest.raises(ValueError, match=r"target has values outside \[0, 1\].*\(target > 0\)\.float\(\)"):
+        loss(p, mask)
+    x = p.clone()
+    x[0, 0, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match="pred contains NaN"):
+        loss(x, t)
+    y = t.clone()
+    y[0, 0, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match="target contains NaN"):
+        loss(p, y)
+    # the activation option takes the logits; 0 and 1 themselves are valid
+    assert torch.isfinite(loss(logits, t, activation="sigmoid"))
+    assert loss((p > 0.5).float(), t).item() >= 0
+    torch.testing.assert_close(lossforge.betti_matching_loss(p, mask.bool()), lossforge.betti_matching_loss(p, t))
+
+
+def test_bad_values_of_modules_and_metrics(gen):
+    p, t = pair((2, 2, 7, 8), gen, "continuous", "binary", torch.float32)
+    with pytest.raises(ValueError, match="activation="):
+        lnn.BettiMatchingLoss()(p * 4 - 2, t)
+    with pytest.raises(ValueError, match="target has values outside"):
+        lnn.DiceBettiMatchingLoss()(p, t * 255)
+    # the metrics threshold both inputs: a {0, 255} mask is a mask there; NaN still raises
+    mask = (t * 255).to(torch.uint8)
+    torch.testing.assert_close(lossforge.betti_matching_error(p, mask), lossforge.betti_matching_error(p, t))
+    torch.testing.assert_close(lossforge.betti_number_error(p, mask), lossforge.betti_number_error(p, t))
+    x = p.clone()
+    x[1, 0, 2, 2] = float("nan")
+    for metric in (lossforge.betti_matching_error, lossforge.betti_number_error):
+        with pytest.raises(ValueError, match="pred contains NaN"):
+            metric(x, t)
+        with pytest.raises(ValueError, match="target contains NaN"):
+            metric(t, x)
+    # betti_matching and persistence_barcode take any real values (NaN raises)
+    lossforge.betti_matching(p * 4 - 2, t)
+    with pytest.raises(ValueError, match="image contains NaN"):
+        lossforge.persistence_barcode(x)
+
+
+def test_options_bad_input(gen):
+    p, t = pair((1, 2, 6, 6), gen, "continuous", "binary")
+    with pytest.raises(ValueError, match="activation must be one of None, 'sigmoid', 'softmax'"):
+        lossforge.betti_matching_loss(p, t, activation="relu")
+    with pytest.raises(ValueError, match="softmax' needs several channels"):
+        lossforge.betti_matching_loss(p[:, :1], t[:, :1], activation="softmax")
+    with pytest.raises(ValueError, match="topology_weights must be two finite non-negative weights"):
+        lossforge.betti_matching_loss(p, t, topology_weights=(1.0, 2.0, 3.0))
+    with pytest.raises(ValueError, match="barcode_length_threshold must be a finite number >= 0"):
+        lossforge.betti_matching_loss(p, t, barcode_length_threshold=-0.1)
+    with pytest.raises(ValueError, match="choose one"):
+        lossforge.betti_matching_loss(p, t, relative=True, sphere=True)
+    with pytest.raises(TypeError, match="takes from 2 to 3 positional arguments"):
+        lossforge.betti_matching_loss(p, t, "superlevel", True)  # booleans are keyword-only
+    with pytest.raises(TypeError, match="positional"):
+        lossforge.betti_matching(p, t, "superlevel", True)
+    with pytest.raises(TypeError, match="positional"):
+        lossforge.persistence_barcode(p, "superlevel", True)
+    with pytest.raises(TypeError, match="include_background must be a bool"):
+        lossforge.betti_matching_loss(p, t, include_background=1)
+    with pytest.raises(ValueError, match="filtration must be one of"):
+        lnn.BettiMatchingLoss(filtration="both")
+    with pytest.raises(ValueError, match="barcode_length_threshold"):
+        lnn.BettiMatchingLoss(barcode_length_threshold=float("nan"))
 
 
 def test_bad_input_reaches_cpp_checks(gen):

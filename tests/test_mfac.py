@@ -11,6 +11,7 @@ import copy
 import datetime
 import math
 import os
+import re
 import tempfile
 
 import pytest
@@ -218,6 +219,52 @@ def test_kernels_bad_input():
         ops.mfac_step_(G, torch.zeros(3), [torch.zeros(10)], [torch.zeros(10)], None, -1.0, 1.0, 0.1, 0.0, 0.5)
     with pytest.raises(RuntimeError, match="U must be square"):
         ops.mfac_chol_replace_oldest_(torch.zeros(2, 3, dtype=F64), torch.zeros(2, dtype=F64), 1.0)
+
+
+def _same_error_eager_and_fake(fn, *args):
+    """fn(*args) raises in eager; the fake kernels (torch.compile's view of the op) raise the same message."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._pytree import tree_map
+
+    with pytest.raises(RuntimeError) as eager:
+        fn(*args)
+    message = re.sub(r"^\w+, \S+:\d+, ", "", str(eager.value).splitlines()[0])  # C++: "function, file:line, "
+    mode = FakeTensorMode()
+    fake_args = tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, args)
+    with mode, pytest.raises(RuntimeError) as fake:
+        fn(*fake_args)
+    assert message in str(fake.value), (message, str(fake.value))
+
+
+def test_fake_kernels_check_like_the_kernels():
+    G, F32 = torch.zeros(3, 10), torch.float32
+    z10 = torch.zeros(10)
+    cases = [
+        (ops.mfac_gemv, G, torch.zeros(11)),
+        (ops.mfac_gemv, G, torch.zeros(10, dtype=F64)),
+        (ops.mfac_gemv, G.half(), z10),
+        (ops.mfac_gemv, torch.zeros(10, 3).T, z10),
+        (ops.mfac_gemv, torch.zeros(3, 10, 2), z10),
+        (ops.mfac_gemv_t, G, torch.zeros(4), None, 1.0, 0.0),
+        (ops.mfac_gemv_t, G, torch.zeros(3, dtype=F64), None, 1.0, 0.0),
+        (ops.mfac_gemv_t, G, torch.zeros(2, 3), z10, 1.0, 0.0),
+        (ops.mfac_insert_gemv_, G, 3, [z10], [], 0.0),
+        (ops.mfac_insert_gemv_, G, 0, [torch.zeros(4), torch.zeros(5)], [], 0.0),
+        (ops.mfac_insert_gemv_, G, 0, [z10], [torch.zeros(5), torch.zeros(5)], 0.1),
+        (ops.mfac_insert_gemv_, G, 0, [z10], [torch.zeros(9)], 0.1),
+        (ops.mfac_step_, G, torch.zeros(3), [z10], [z10], None, -1.0, 1.0, 0.1, 0.0, 0.5),
+        (ops.mfac_step_, G, torch.zeros(4), [z10], [z10], None, -1.0, 1.0, 0.1, 0.0, 0.0),
+        (ops.mfac_step_, G, torch.zeros(3), [z10], [z10], torch.zeros(9), -1.0, 1.0, 0.1, 0.0, 0.5),
+        (ops.mfac_step_, G, torch.zeros(3), [z10], [z10], None, -1.0, 1.0, 0.1, 0.0, 1.5),
+        (ops.mfac_chol_replace_oldest_, torch.zeros(2, 3, dtype=F64), torch.zeros(2, dtype=F64), 1.0),
+        (ops.mfac_chol_replace_oldest_, torch.zeros(2, 2, dtype=F32), torch.zeros(2, dtype=F64), 1.0),
+        (ops.mfac_chol_replace_oldest_, torch.zeros(2, 2, dtype=F64), torch.zeros(3, dtype=F64), 1.0),
+        (ops.mfac_chol_solve, torch.zeros(2, 3, dtype=F64), torch.zeros(2, dtype=F64)),
+        (ops.mfac_chol_solve, torch.zeros(2, 2, dtype=F64), torch.zeros(3, dtype=F64)),
+        (ops.mfac_chol_solve, torch.zeros(2, 2, dtype=F64), torch.zeros(2, dtype=F32)),
+    ]
+    for fn, *args in cases:
+        _same_error_eager_and_fake(fn, *args)
 
 
 # ---- StaticIHVP / BlockIHVP -----------------------------------------------------------------------
@@ -660,12 +707,32 @@ def test_optimizer_matches_official_step(momentum, weight_decay, gen):
         assert torch.allclose(ours, flat, rtol=1e-9, atol=1e-12), step
 
 
+def test_optimizer_default_is_the_official_algorithm(gen):
+    """Without a warmup argument MFAC is the paper's algorithm (a zero-filled window of ngrads gradients,
+    s = ngrads from the first step), step by step while the window fills and after. The scaled warm-up
+    differs while the window fills, so this fails with it."""
+    params = _params(gen)
+    flat = torch.cat([p.detach().reshape(-1) for p in params]).clone()
+    m, damp, lr, momentum = 6, 1e-2, 0.05, 0.5
+    opt = MFAC(params, lr=lr, ngrads=m, damp=damp, momentum=momentum)
+    off = ref.OfficialDynamic(m, flat.numel(), damp, F64)
+    state = {}
+    for step in range(m + 3):
+        grads = [randn(*p.shape, gen=gen) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        ref.official_mfac_step(off, flat, torch.cat([g.reshape(-1) for g in grads]), state, lr, momentum)
+        ours = torch.cat([p.detach().reshape(-1) for p in params])
+        assert torch.allclose(ours, flat, rtol=1e-9, atol=1e-12), step
+
+
 def test_optimizer_param_groups_and_none_grads(gen):
     a, b = randn(6, gen=gen).requires_grad_(), randn(4, gen=gen).requires_grad_()
     c = randn(3, gen=gen).requires_grad_()  # never gets a gradient: counts as zeros
     m, damp = 3, 1e-2
     opt = MFAC([{"params": [a], "lr": 0.5}, {"params": [b, c], "lr": 0.1}], ngrads=m, damp=damp)
-    W = mfac.SlidingWindowIHVP(13, m, damp, F64)
+    W = mfac.SlidingWindowIHVP(13, m, damp, F64, warmup="zeros")  # MFAC's default
     for step in range(5):
         ga, gb = randn(6, gen=gen), randn(4, gen=gen)
         a.grad, b.grad = ga.clone(), gb.clone()
@@ -986,3 +1053,84 @@ def test_distributed_gloo_matches_single_process(world):
         pytest.skip("torch.distributed with gloo is not available")
     init_file = os.path.join(tempfile.mkdtemp(), "init")
     mp.spawn(_distributed_worker, args=(world, init_file, 1234 + world), nprocs=world, join=True)
+
+
+# ---- torch.compile ---------------------------------------------------------------------------------
+
+# The public entry points the compile tests below cover (the lead's test checks the union over families).
+COMPILE_ENTRY_POINTS = (
+    "lossforge.mfac.StaticIHVP.mul",
+    "lossforge.mfac.StaticIHVP.inverse_diagonal",
+    "lossforge.mfac.BlockIHVP.mul",
+    "lossforge.mfac.BlockIHVP.inverse_diagonal",
+    "lossforge.mfac.SlidingWindowIHVP.mul",
+    "lossforge.mfac.SlidingWindowIHVP.update",
+    "lossforge.mfac.SlidingWindowIHVP.update_mul",
+    "lossforge.optim.MFAC.step",
+)
+
+
+def _compiled(fn, fullgraph):
+    torch._dynamo.reset()
+    return torch.compile(fn, backend="aot_eager", fullgraph=fullgraph)
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_ihvp(gen):
+    """The IHVPs of a fixed set of gradients and of a window trace as one graph each, values and
+    gradients as in eager."""
+    G = randn(5, 12, gen=gen)
+    x = randn(12, gen=gen).requires_grad_()
+    W = mfac.SlidingWindowIHVP(12, 3, 1e-2, F64)
+    for g in G[:4]:
+        W.update(g)
+    for H in (mfac.StaticIHVP(G, 1e-2), mfac.BlockIHVP(G, 4, 1e-2), mfac.BlockIHVP(G, 8, 1e-2), W):
+        y = _compiled(H.mul, fullgraph=True)(x)
+        expected = H.mul(x)
+        torch.testing.assert_close(y, expected, rtol=1e-12, atol=0)
+        torch.testing.assert_close(torch.autograd.grad(y.sum(), x)[0], torch.autograd.grad(expected.sum(), x)[0],
+                                   rtol=1e-12, atol=0)
+        if not isinstance(H, mfac.SlidingWindowIHVP):
+            torch.testing.assert_close(_compiled(H.inverse_diagonal, fullgraph=True)(), H.inverse_diagonal(),
+                                       rtol=1e-12, atol=0)
+
+
+def test_compile_window_insertions_with_graph_breaks(gen):
+    """update / update_mul make host decisions by design (may g enter the window? must the factor be
+    refactored?): they compile with graph breaks and give eager's results while the window fills and
+    after, and a NaN gradient still raises without changing the window."""
+    m, d = 2, 10
+    kw = dict(dtype=F64, refactor_every=2)
+    W, W_ref = mfac.SlidingWindowIHVP(d, m, 1e-2, **kw), mfac.SlidingWindowIHVP(d, m, 1e-2, **kw)
+    update_mul, update = _compiled(W.update_mul, False), torch.compile(W.update, backend="aot_eager")
+    for step in range(2 * m + 1):
+        g = randn(d, gen=gen)
+        if step % 2:
+            update(g)
+            W_ref.update(g)
+        else:
+            torch.testing.assert_close(update_mul(g), W_ref.update_mul(g), rtol=1e-12, atol=0)
+        assert W.count == W_ref.count and torch.equal(W.G, W_ref.G) and torch.equal(W.U, W_ref.U)
+    bad = randn(d, gen=gen)
+    bad[3] = math.nan
+    with pytest.raises(ValueError, match="non-finite entry"):
+        update_mul(bad)
+    assert W.count == W_ref.count and torch.equal(W.G, W_ref.G)
+
+
+@pytest.mark.slow
+def test_compile_optimizer_step_with_graph_breaks(gen):
+    """MFAC.step (host decisions as in update_mul) compiles with graph breaks and takes eager's steps."""
+    params = _params(gen)
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    kw = dict(lr=0.1, ngrads=2, damp=1e-2, momentum=0.5, weight_decay=0.01)
+    opt, opt_ref = MFAC(params, **kw), MFAC(twins, **kw)
+    step = _compiled(opt.step, False)
+    for _ in range(4):
+        for p, q in zip(params, twins):
+            p.grad = randn(*p.shape, gen=gen)
+            q.grad = p.grad.clone()
+        step()
+        opt_ref.step()
+        for p, q in zip(params, twins):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=0)

@@ -5,6 +5,7 @@ the dense float64 references written from the spec (reference/pamc.py) and the a
 recipes for values and gradients (torch autograd through them).
 """
 import math
+import re
 
 import numpy as np
 import pytest
@@ -300,6 +301,11 @@ def test_nan_propagates(device, gen):
     q = torch.softmax(torch.randn(n, 3, generator=gen, dtype=f64), 1).to(device)
     q[4, 1] = float("nan")
     assert torch.isnan(lossforge.pamc_loss(z, graph, assignment=q, soft=True)).item()
+    # hard assignment from Q (the argmax, which picks a NaN entry as the maximum): NaN too, for every node
+    for reduction in ("mean", "sum", "none"):
+        assert torch.isnan(lossforge.pamc_loss(z, graph, assignment=q, reduction=reduction)).all(), reduction
+    q[4, 1] = 0.5
+    assert torch.isfinite(lossforge.pamc_loss(z, graph, assignment=q, reduction="none")).all()
 
 
 def test_float32_close_to_float64(device, gen):
@@ -767,22 +773,151 @@ def test_cpp_checks_reject_what_python_would(gen):
         ops.pamc_positive(z.half(), *[g.rowptr, g.col, g.weight, g.colptr, g.trow, g.tedge], 1.0, 1e-10)
 
 
-@pytest.mark.slow
-def test_torch_compile_fullgraph(gen):
-    """With a prepared graph and soft assignments the whole loss traces without a graph break."""
-    n = 120
-    ei, w = random_graph(gen, n, 500)
-    graph = lossforge.prepare_graph(ei, n, w.float())
-    z = torch.randn(n, 8, generator=gen, requires_grad=True)
-    q = torch.softmax(torch.randn(n, 4, generator=gen), 1)
+def test_fake_kernels_check_like_the_kernels(gen):
+    """Shape and dtype errors of a direct op call are the same in eager and under the fake kernels (what
+    torch.compile traces with)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._pytree import tree_map
 
-    def both(z, q):
-        return lossforge.pamc_loss(z, graph, assignment=q) + lossforge.pairwise_contrastive_loss(z, graph)
+    n, ei, w, z, labels = _bad_setup(gen)
+    g = lossforge.prepare_graph(ei, n, w)
+    csr = [g.rowptr, g.col, g.weight, g.colptr, g.trow, g.tedge]
+    lse, u, inv = ops.pamc_positive(z, *csr, 1.0, 1e-10)
+    loss, stats = ops.pairwise_contrastive(z, *csr, 1.0, 4, 4)
+    cases = [
+        (ops.pamc_positive, z.half(), *csr, 1.0, 1e-10),
+        (ops.pamc_positive, z[None], *csr, 1.0, 1e-10),
+        (ops.pamc_positive, z.t(), *csr, 1.0, 1e-10),
+        (ops.pamc_positive, z, *csr, math.inf, 1e-10),
+        (ops.pamc_positive, z, *csr, 1.0, -1.0),
+        (ops.pamc_positive, z, g.rowptr[:-1].contiguous(), *csr[1:], 1.0, 1e-10),
+        (ops.pamc_positive, z, g.rowptr, g.col.int(), *csr[2:], 1.0, 1e-10),
+        (ops.pamc_positive, z, *csr[:2], g.weight.float(), *csr[3:], 1.0, 1e-10),
+        (ops.pamc_positive, z, *csr[:5], g.tedge[:-1].contiguous(), 1.0, 1e-10),
+        (ops.pamc_positive_backward, lse[:-1].contiguous(), u, inv, *csr, lse, 1.0),
+        (ops.pamc_positive_backward, lse, u, inv.float(), *csr, lse, 1.0),
+        (ops.pamc_segment_sum, z, labels[:-1].contiguous(), 3),
+        (ops.pamc_segment_sum, z, labels.int(), 3),
+        (ops.pamc_segment_sum, z, labels, -1),
+        (ops.pamc_build_csr, ei[0].contiguous(), ei[1, :-1].contiguous(), n),
+        (ops.pamc_build_csr, ei[0].contiguous(), ei[1].contiguous(), -1),
+        (ops.pairwise_contrastive, z, *csr, 1.0, 0, 4),
+        (ops.pairwise_contrastive, z, *csr[:2], g.weight[:-1].contiguous(), *csr[3:], 1.0, 4, 4),
+        (ops.pairwise_contrastive_backward, loss, z, *csr, stats[:, :1].contiguous(), 1.0, 4, 4),
+        (ops.pairwise_contrastive_backward, loss[:-1].contiguous(), z, *csr, stats, 1.0, 4, 4),
+    ]
+    for fn, *args in cases:
+        with pytest.raises(RuntimeError) as eager:
+            fn(*args)
+        message = re.sub(r"^\w+, \S+:\d+, ", "", str(eager.value).splitlines()[0])  # C++: "function, file:line, "
+        mode = FakeTensorMode()
+        fake_args = tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, args)
+        with mode, pytest.raises(RuntimeError) as fake:
+            fn(*fake_args)
+        assert message in str(fake.value), (fn, message, str(fake.value))
 
-    compiled = torch.compile(both, fullgraph=True)
-    a, b = compiled(z, q), both(z, q)
+
+# ---- torch.compile -------------------------------------------------------------------------------
+
+# The public entry points the compile tests below cover (the lead's test checks the union over families).
+COMPILE_ENTRY_POINTS = (
+    "lossforge.pamc_loss",
+    "lossforge.pairwise_contrastive_loss",
+    "lossforge.prepare_graph",
+    "lossforge.influence_matrix",
+    "lossforge.stochastic_block_model",
+    "lossforge.nn.PamCLoss",
+)
+
+
+def _compiled(fn, fullgraph):
+    torch._dynamo.reset()
+    return torch.compile(fn, backend="aot_eager", fullgraph=fullgraph)
+
+
+def _same_value_and_grad(fn, z, *args):
+    """fn(z, *args) compiled and eager: the same loss and the same gradient in z."""
+    a, b = fn[0](z, *args), fn[1](z, *args)
     torch.testing.assert_close(a, b)
-    torch.testing.assert_close(torch.autograd.grad(a, z)[0], torch.autograd.grad(b, z)[0])
+    torch.testing.assert_close(torch.autograd.grad(a.sum(), z)[0], torch.autograd.grad(b.sum(), z)[0])
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_with_a_prepared_graph(gen):
+    """With a PamCGraph both losses trace as one graph: soft Q, the argmax of Q, hard labels with
+    num_clusters, and the module."""
+    n, k = 24, 3
+    ei, w = random_graph(gen, n, 80)
+    graph = lossforge.prepare_graph(ei, n, w.float())
+    z = torch.randn(n, 5, generator=gen, requires_grad=True)
+    q = torch.softmax(torch.randn(n, k, generator=gen), 1)
+    labels = torch.randint(0, k, (n,), generator=gen)
+    module = lossforge.nn.PamCLoss(tau=0.5, reduction="sum", num_clusters=k)
+    cases = [
+        (lambda z, q: lossforge.pamc_loss(z, graph, assignment=q, soft=True), q),
+        (lambda z, q: lossforge.pamc_loss(z, graph, assignment=q, reduction="none"), q),
+        (lambda z, y: lossforge.pamc_loss(z, graph, assignment=y, num_clusters=k, tau=2.0), labels),
+        (lambda z: lossforge.pairwise_contrastive_loss(z, graph, tau=0.7),),
+        (lambda z, y: module(z, graph, assignment=y), labels),
+    ]
+    for fn, *args in cases:
+        _same_value_and_grad((_compiled(fn, fullgraph=True), fn), z, *args)
+    # the kernel checks the labels' range inside the graph
+    bad = labels.clone()
+    bad[5] = k
+    with pytest.raises(RuntimeError, match=rf"label {k} of node 5 is out of range \[0, {k}\)"):
+        _compiled(cases[2][0], fullgraph=True)(z, bad)
+    # NaN in Q propagates through the argmax in the graph too
+    q_nan = q.clone()
+    q_nan[2, 1] = math.nan
+    assert torch.isnan(_compiled(cases[1][0], fullgraph=True)(z, q_nan)).all()
+
+
+@pytest.mark.slow
+def test_compile_host_decisions_with_graph_breaks(gen):
+    """Validating raw edges (pamc_loss, pairwise_contrastive_loss, PamCLoss's graph cache, prepare_graph),
+    k = max label + 1, building Γ (data-dependent nnz) and the seeded host generator of the stochastic
+    block model are host decisions: they compile with graph breaks and give eager's results."""
+    n, k = 24, 3
+    ei, w = random_graph(gen, n, 80)
+    w = w.float()
+    z = torch.randn(n, 5, generator=gen, requires_grad=True)
+    q = torch.softmax(torch.randn(n, k, generator=gen), 1)
+    labels = torch.randint(0, k, (n,), generator=gen)
+    module = lossforge.nn.PamCLoss()
+    for fn, *args in [
+        (lambda z, q: lossforge.pamc_loss(z, ei, w, assignment=q), q),
+        (lambda z, y: lossforge.pamc_loss(z, ei, w, assignment=y), labels),
+        (lambda z: lossforge.pairwise_contrastive_loss(z, ei, w),),
+        (lambda z, q: module(z, ei, w, assignment=q), q),
+    ]:
+        _same_value_and_grad((_compiled(fn, fullgraph=False), fn), z, *args)
+    a, b = _compiled(lossforge.prepare_graph, False)(ei, n, w), lossforge.prepare_graph(ei, n, w)
+    assert a.num_nodes == b.num_nodes and all(torch.equal(x, y) for x, y in zip(a[1:], b[1:]))
+    bad = ei.clone()
+    bad[1, 4] = n
+    with pytest.raises(ValueError, match=f"node index {n} at edge 4"):
+        _compiled(lossforge.prepare_graph, False)(bad, n, w)
+    a, b = _compiled(lossforge.influence_matrix, False)(ei, n, 2), lossforge.influence_matrix(ei, n, 2)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    a = _compiled(lambda: lossforge.stochastic_block_model(40, 2, avg_degree=3.0, num_features=2, seed=3), False)()
+    b = lossforge.stochastic_block_model(40, 2, avg_degree=3.0, num_features=2, seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_booleans_are_keyword_only(gen):
+    n, ei, w, z, labels = _bad_setup(gen)
+    q = torch.softmax(z, 1)
+    with pytest.raises(TypeError, match="positional argument"):
+        lossforge.pamc_loss(z, ei, w, q, 1.0, True)
+    with pytest.raises(TypeError, match="positional argument"):
+        lossforge.pairwise_contrastive_loss(z, ei, w, 1.0)
+    with pytest.raises(TypeError, match="positional argument"):
+        lossforge.influence_matrix(ei, n, 2, False)
+    with pytest.raises(TypeError, match="positional argument"):
+        lossforge.nn.PamCLoss(1.0, True)
+    with pytest.raises(TypeError, match="soft must be a bool, got str"):
+        lossforge.nn.PamCLoss(soft="yes")
 
 
 def test_errors_name_the_problem(gen):

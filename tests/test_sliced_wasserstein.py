@@ -1,6 +1,7 @@
 """Sliced Wasserstein family: SW against POT and the pure-torch reference, gradients, opcheck, ties and
 sorting paths, vMF sampling, Max-SW, v-DSW, the amortized module, and bad input."""
 import math
+import re
 
 import ot  # POT: the independent oracle (a test dependency; never skipped when missing)
 import pytest
@@ -462,7 +463,7 @@ def test_vmf_batched_and_reparameterized(gen):
 
 
 def test_vmf_bad_input(gen):
-    with pytest.raises(ValueError, match="kappa must be finite and >= 0"):
+    with pytest.raises(ValueError, match=r"kappa must be >= 0 \(inf: the point mass at loc\), got -1.0"):
         lossforge.vmf_sample(torch.ones(3), -1.0, 4)
     with pytest.raises(ValueError, match="d >= 2"):
         lossforge.vmf_sample(torch.ones(1), 1.0, 4)
@@ -688,3 +689,391 @@ def test_errors_name_the_problem(gen):
                                          "clouds or use float64"):
         lossforge.max_sliced_wasserstein(big, big + 1e29)
     assert torch.isfinite(lossforge.max_sliced_wasserstein(big.double(), big.double() + 1e29))
+
+
+# ---------------------------------------------------------------------------------------------------
+# vMF: NaN / zero locations, a map smooth at e_1, any kappa up to inf (issue 13)
+
+from lossforge._sliced_wasserstein import _vmf_map, _vmf_map_grad  # noqa: E402
+
+
+def test_vmf_nan_location_propagates_and_zero_location_raises(gen):
+    for d in (3, 5):
+        loc = torch.randn(3, d, generator=gen, dtype=F64)
+        loc[1, 1] = float("nan")
+        s = lossforge.vmf_sample(loc, 4.0, 6, generator=gen)
+        assert torch.isnan(s[1]).all()  # not finite samples around an arbitrary axis
+        assert torch.isfinite(s[0]).all() and torch.isfinite(s[2]).all()
+        loc[1] = 0.0
+        with pytest.raises(ValueError, match="loc contains a zero vector"):
+            lossforge.vmf_sample(loc, 4.0, 6, generator=gen)
+
+
+@pytest.mark.parametrize("d", [2, 3, 5])
+@pytest.mark.parametrize("loc", ["e1", "2e1", "-e1", "near_e1"])
+def test_vmf_gradient_at_e1_is_smooth_and_matches_finite_differences(d, loc, gen):
+    # The Householder reflection e_1 -> loc had a 0/0 at loc = e_1 (guarded to a zero gradient, and a jump
+    # in the samples next to it): the gradient there must exist and match finite differences.
+    base = torch.zeros(d, dtype=F64)
+    base[0] = {"e1": 1.0, "2e1": 2.0, "-e1": -1.0, "near_e1": 1.0}[loc]
+    if loc == "near_e1":
+        base[1] = 1e-9
+    target = torch.randn(d, generator=gen, dtype=F64)
+
+    def f(l):
+        g = torch.Generator().manual_seed(7)  # the same base noise for every evaluation
+        return (lossforge.vmf_sample(l, 5.0, 16, generator=g) @ target).square().sum()
+
+    l0 = base.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(f(l0), l0)
+    assert grad[1:].abs().sum() > 1e-3  # the location moves
+    assert torch.autograd.gradcheck(f, (base.clone().requires_grad_(),), eps=1e-6, atol=1e-6)
+
+
+def test_vmf_map_takes_e1_to_loc_and_is_orthogonal(gen):
+    for d in (2, 3, 6):
+        mu = torch.randn(5, d, generator=gen, dtype=F64)
+        mu[0] = 0
+        mu[0, 0] = 1  # e_1
+        mu[1] = 0
+        mu[1, 0] = -1  # -e_1
+        mu[2, 0] = 0  # on the switch mu_1 = 0
+        mu = mu / mu.norm(dim=-1, keepdim=True)
+        eye = torch.eye(d, dtype=F64).expand(5, d, d)
+        Q = _vmf_map(mu, eye).transpose(-1, -2)  # columns: the images of the basis vectors
+        torch.testing.assert_close(Q[..., 0], mu, rtol=0, atol=1e-15)
+        torch.testing.assert_close(Q.transpose(-1, -2) @ Q, eye, rtol=0, atol=1e-14)
+
+
+def test_vmf_closed_form_location_gradient_matches_autograd(gen):
+    # v-DSW's ascent uses the closed-form gradient through the map; autograd through vmf_sample's map is the oracle
+    for d in (2, 3, 5):
+        mu = torch.randn(4, d, generator=gen, dtype=F64)
+        mu[0] = torch.eye(d, dtype=F64)[0]
+        mu[1] = -torch.eye(d, dtype=F64)[0]
+        mu = mu / mu.norm(dim=-1, keepdim=True)
+        z = lossforge.vmf_sample(torch.eye(d, dtype=F64)[0].expand(4, d), 3.0, 9, generator=gen)
+        G = torch.randn(4, 9, d, generator=gen, dtype=F64)
+        loc = mu.clone().requires_grad_()
+        (want,) = torch.autograd.grad((_vmf_map(loc / loc.norm(dim=-1, keepdim=True), z) * G).sum(), loc)
+        torch.testing.assert_close(_vmf_map_grad(mu, z, G), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("d,kappa", [(3, 7.0), (5, 7.0), (4, 1e8), (3, 1e8), (10, 1e6)])
+@pytest.mark.parametrize("loc", ["e1", "-e1", "switch", "random"])
+def test_vmf_distribution_is_kept_by_the_map(d, kappa, loc, gen):
+    # mean resultant length E<theta, mu> = A_d(kappa) = I_{d/2}(kappa) / I_{d/2-1}(kappa) (scipy), compared
+    # through 1 - A_d so that large kappa (1 - A_d ~ (d-1)/(2 kappa)) is tested at full precision; the
+    # mean direction is mu.
+    from scipy.special import ive
+
+    n = 20000
+    mu = torch.randn(d, generator=gen, dtype=F64)
+    if loc == "e1":
+        mu = torch.eye(d, dtype=F64)[0]
+    elif loc == "-e1":
+        mu = -torch.eye(d, dtype=F64)[0]
+    elif loc == "switch":
+        mu[0] = 1e-12
+    mu = mu / mu.norm()
+    s = lossforge.vmf_sample(mu, kappa, n, generator=gen)
+    one_minus_w = 1 - s @ mu
+    want = 1 - ive(d / 2, kappa) / ive(d / 2 - 1, kappa)
+    assert abs(one_minus_w.mean().item() - want) < 5 * one_minus_w.std().item() / math.sqrt(n)
+    perp = s.mean(0) - (s @ mu).mean() * mu
+    assert perp.norm().item() < 5 * math.sqrt(d / n) * math.sqrt(want * 2)
+
+
+@pytest.mark.parametrize("d", [2, 3, 4, 10])
+@pytest.mark.parametrize("kappa", [1e17, 1e20, 1e300, math.inf])
+def test_vmf_huge_kappa_gives_the_mean_direction(d, kappa, gen):
+    # kappa -> inf is Max-SW's point mass; Wood's sampler used to fail (d >= 4) from kappa = 1e17
+    loc = torch.randn(3, d, generator=gen, dtype=F64)
+    s = lossforge.vmf_sample(loc, kappa, 50, generator=gen)
+    mu = loc / loc.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(s, mu.unsqueeze(-2).expand_as(s), rtol=0, atol=4e-16 if kappa > 1e30 else 1e-7)
+    s32 = lossforge.vmf_sample(loc.float(), torch.full((3,), kappa, dtype=F64), 5, generator=gen)
+    torch.testing.assert_close(s32, mu.float().unsqueeze(-2).expand_as(s32), rtol=0, atol=1e-6)
+
+
+def test_dsw_started_at_e1_moves(gen):
+    # The reflection's zero gradient at e_1 froze v-DSW started there
+    x = torch.randn(2, 80, 3, generator=gen, dtype=F64) * torch.tensor([0.5, 2.5, 0.5], dtype=F64)
+    y = torch.randn(2, 80, 3, generator=gen, dtype=F64) * 0.5
+    e1 = torch.tensor([1.0, 0.0, 0.0], dtype=F64)
+    for d_extra in (0, 2):  # d = 3 (closed-form w) and d = 5 (Wood's sampler)
+        xx = torch.cat([x, torch.zeros(2, 80, d_extra, dtype=F64)], -1)
+        yy = torch.cat([y, torch.zeros(2, 80, d_extra, dtype=F64)], -1)
+        init = torch.cat([e1, torch.zeros(d_extra, dtype=F64)])
+        _, loc = lossforge.distributional_sliced_wasserstein(xx, yy, 20.0, n_projections=64, n_iters=60, init=init,
+                                                             seed=1, reduction="none", return_locations=True)
+        assert torch.all(loc[:, 1].abs() > 0.9)  # reached the stretched axis
+
+
+def test_dsw_kappa_inf_is_max_sw_along_the_location(gen):
+    x, y, _, _ = clouds(2, 40, 40, 3, gen)
+    value, loc = lossforge.distributional_sliced_wasserstein(x, y, math.inf, n_projections=4, n_iters=20, seed=0,
+                                                             reduction="none", return_locations=True)
+    torch.testing.assert_close(value, w_along(x, y, loc), rtol=1e-12, atol=1e-14)
+    m = lfnn.AmortizedSlicedWasserstein(3, kappa=math.inf, n_projections=4).double()
+    eps = m.direction(x, y)
+    torch.testing.assert_close(m(x, y), w_along(x, y, eps).mean(), rtol=1e-12, atol=1e-14)
+
+
+# ---------------------------------------------------------------------------------------------------
+# POT's options: seed=, log=True, the maximum over given directions (issue 13)
+
+
+def test_seed_is_a_generator_seed_and_conflicts_with_generator(gen):
+    x, y, _, _ = clouds(2, 20, 15, 3, gen)
+    a = lossforge.sliced_wasserstein(x, y, n_projections=13, seed=4)
+    b = lossforge.sliced_wasserstein(x, y, n_projections=13, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, lossforge.sliced_wasserstein(x, y, n_projections=13, seed=5))
+    P = random_projections(3, 13, seed=4, dtype=F64)
+    assert torch.equal(P, random_projections(3, 13, generator=torch.Generator().manual_seed(4), dtype=F64))
+    m1 = lossforge.max_sliced_wasserstein(x, y, n_iters=3, seed=2)
+    m2 = lossforge.max_sliced_wasserstein(x, y, n_iters=3, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(m1, m2)
+    d1 = lossforge.distributional_sliced_wasserstein(x, y, 3.0, n_iters=2, n_projections=5, seed=2)
+    d2 = lossforge.distributional_sliced_wasserstein(x, y, 3.0, n_iters=2, n_projections=5,
+                                                     generator=torch.Generator().manual_seed(2))
+    assert torch.equal(d1, d2)
+    v1 = lossforge.vmf_sample(x[0, 0], 3.0, 5, seed=3)
+    assert torch.equal(v1, lossforge.vmf_sample(x[0, 0], 3.0, 5, torch.Generator().manual_seed(3)))
+    with pytest.raises(ValueError, match="either seed or generator"):
+        lossforge.sliced_wasserstein(x, y, seed=1, generator=torch.Generator())
+    with pytest.raises(TypeError, match="seed must be an int"):
+        lossforge.sliced_wasserstein(x, y, seed=1.5)
+
+
+@pytest.mark.parametrize("sizes,weights", [((30, 30), False), ((30, 19), True)])
+@pytest.mark.parametrize("p", [1.0, 1.5, 2.0, 3.0])
+def test_log_matches_pot(sizes, weights, p, gen):
+    N, M = sizes
+    x, y, wx, wy = clouds(1, N, M, 3, gen, weights)
+    x, y = x[0], y[0]
+    wx = None if wx is None else wx[0] / wx[0].sum()
+    wy = None if wy is None else wy[0] / wy[0].sum()
+    P = rand_proj(3, 7, gen)
+    value, log = lossforge.sliced_wasserstein(x, y, wx, wy, projections=P, p=p, log=True)
+    npw = lambda w: None if w is None else w.numpy()  # noqa: E731
+    want, want_log = ot.sliced_wasserstein_distance(x.numpy(), y.numpy(), npw(wx), npw(wy), projections=P.numpy(),
+                                                    p=p, log=True)
+    assert set(log) == set(want_log) == {"projections", "projected_emds"}
+    assert value.item() == pytest.approx(float(want), rel=1e-10)
+    torch.testing.assert_close(log["projections"], torch.from_numpy(want_log["projections"]))
+    torch.testing.assert_close(log["projected_emds"], torch.from_numpy(want_log["projected_emds"]), rtol=1e-10,
+                               atol=1e-12)
+    # random directions: the log's directions reproduce the value with POT
+    value, log = lossforge.sliced_wasserstein(x, y, wx, wy, n_projections=11, p=p, seed=3, log=True)
+    assert log["projections"].shape == (3, 11) and log["projected_emds"].shape == (11,)
+    again = ot.sliced_wasserstein_distance(x.numpy(), y.numpy(), npw(wx), npw(wy),
+                                           projections=log["projections"].numpy(), p=p)
+    assert value.item() == pytest.approx(float(again), rel=1e-10)
+
+
+def test_log_batched_and_differentiable(gen):
+    x, y, wx, wy = clouds(3, 12, 9, 2, gen, weights=True)
+    P = rand_proj(2, 5, gen, batch=3)
+    x.requires_grad_()
+    value, log = lossforge.sliced_wasserstein(x, y, wx, wy, projections=P, root=False, reduction="none", log=True)
+    assert log["projected_emds"].shape == (3, 5)
+    torch.testing.assert_close(log["projected_emds"].mean(-1), value, rtol=1e-12, atol=1e-14)
+    g_log = torch.autograd.grad(log["projected_emds"].mean(-1).sum(), x)[0]
+    g_val = torch.autograd.grad(value.sum(), x)[0]
+    torch.testing.assert_close(g_log, g_val, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("sizes,weights", [((25, 25), False), ((25, 14), True)])
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0])
+def test_max_over_given_projections_matches_pot(sizes, weights, p, gen):
+    N, M = sizes
+    B, d, L = 3, 4, 9
+    x, y, wx, wy = clouds(B, N, M, d, gen, weights)
+    P = rand_proj(d, L, gen)
+    value, theta, log = lossforge.max_sliced_wasserstein(x, y, wx, wy, projections=P, p=p, reduction="none",
+                                                         return_projections=True, log=True)
+    for b in range(B):
+        a = None if wx is None else (wx[b] / wx[b].sum()).numpy()
+        bb = None if wy is None else (wy[b] / wy[b].sum()).numpy()
+        want, want_log = ot.max_sliced_wasserstein_distance(x[b].numpy(), y[b].numpy(), a, bb, projections=P.numpy(),
+                                                            p=p, log=True)
+        assert value[b].item() == pytest.approx(float(want), rel=1e-10)
+        torch.testing.assert_close(log["projected_emds"][b], torch.from_numpy(want_log["projected_emds"]),
+                                   rtol=1e-10, atol=1e-12)
+        k = int(torch.from_numpy(want_log["projected_emds"]).argmax())
+        torch.testing.assert_close(theta[b], P[:, k])
+    torch.testing.assert_close(log["projections"], P)
+    # single pair, root=False, gradients: those of SW along the maximising direction
+    xr = x[0].clone().requires_grad_()
+    Pr = P.clone().requires_grad_()
+    v, th = lossforge.max_sliced_wasserstein(xr, y[0], projections=Pr, p=p, root=False, return_projections=True)
+    assert v.dim() == 0 and th.shape == (d,)
+    k = int((P == th[:, None]).all(0).nonzero()[0])
+    Pk = P[:, k:k + 1].clone().requires_grad_()
+    xs = x[0].clone().requires_grad_()
+    w = ref.sliced_wasserstein(xs, y[0], projections=Pk, p=p, root=False)
+    torch.testing.assert_close(v, w, rtol=1e-12, atol=1e-14)
+    gx, gP = torch.autograd.grad(v, (xr, Pr))
+    wx_, wP = torch.autograd.grad(w, (xs, Pk))
+    torch.testing.assert_close(gx, wx_, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gP[:, k:k + 1], wP, rtol=1e-10, atol=1e-12)
+    assert (gP[:, :k] == 0).all() and (gP[:, k + 1:] == 0).all()
+    with pytest.raises(ValueError, match="init starts the ascent"):
+        lossforge.max_sliced_wasserstein(x, y, projections=P, init=P[:, 0])
+
+
+def test_max_sliced_ascent_log(gen):
+    x, y, _, _ = clouds(2, 20, 20, 3, gen)
+    value, theta, log = lossforge.max_sliced_wasserstein(x, y, n_iters=5, seed=0, reduction="none",
+                                                         return_projections=True, log=True)
+    torch.testing.assert_close(log["projections"], theta.unsqueeze(-1))
+    torch.testing.assert_close(log["projected_emds"][:, 0], value.square())
+    v1, log1 = lossforge.max_sliced_wasserstein(x[0], y[0], n_iters=5, seed=0, log=True)
+    assert log1["projections"].shape == (3, 1) and log1["projected_emds"].shape == (1,)
+
+
+def test_official_code_value_is_n_times_the_unrooted_value(gen):
+    # The official v-DSW / amortized code (Self-Amortized-DSW, loss/sw_variants.py) returns, per pair,
+    # mean over slices of the SUM over points of |sorted difference|^p (no root), averaged over the batch:
+    # written here from that description. It is N x POT's unrooted value, not N^(1/p) x POT's value.
+    B, N, d, L = 3, 50, 3, 10
+    x, y, _, _ = clouds(B, N, N, d, gen)
+    P = rand_proj(d, L, gen, batch=B)
+    for p in (1.5, 2.0):
+        xs = torch.sort(torch.bmm(x, P), dim=1).values  # [B, N, L]
+        ys = torch.sort(torch.bmm(y, P), dim=1).values
+        official = (xs - ys).abs().pow(p).sum(dim=1).mean(dim=1).mean()
+        ours = lossforge.sliced_wasserstein(x, y, projections=P, p=p, root=False)
+        torch.testing.assert_close(official, N * ours, rtol=1e-12, atol=1e-12)
+        pot = sum(ot.sliced_wasserstein_distance(x[b].numpy(), y[b].numpy(), projections=P[b].numpy(), p=p) ** p
+                  for b in range(B)) / B
+        assert official.item() == pytest.approx(N * float(pot), rel=1e-10)
+        assert official.item() != pytest.approx(N ** (1 / p) * float(pot) ** (1 / p), rel=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Signatures, fake kernel, torch.compile (issue 13)
+
+
+def test_booleans_are_keyword_only():
+    import inspect
+
+    for fn in (lossforge.sliced_wasserstein, lossforge.max_sliced_wasserstein,
+               lossforge.distributional_sliced_wasserstein, lossforge.vmf_sample, random_projections,
+               lfnn.AmortizedSlicedWasserstein.__init__):
+        for name, par in inspect.signature(fn).parameters.items():
+            if isinstance(par.default, bool):
+                assert par.kind is inspect.Parameter.KEYWORD_ONLY, f"{fn.__qualname__}({name})"
+            assert name in ("self",) or par.annotation is not inspect.Parameter.empty, f"{fn.__qualname__}({name})"
+        assert inspect.signature(fn).return_annotation is not inspect.Signature.empty, fn.__qualname__
+
+
+@pytest.mark.parametrize("case", ["dtype", "y_shape", "proj_shape", "weights", "p", "half"])
+def test_fake_kernel_checks_like_the_kernel(case, gen):
+    x, y, wx, wy = clouds(2, 6, 5, 3, gen, weights=True)
+    P = rand_proj(3, 4, gen)
+    args = [x, y, None, None, P, 2.0, False, False, False]
+    if case == "dtype":
+        args[1] = y.float()
+    elif case == "y_shape":
+        args[1] = y[..., :2].contiguous()
+    elif case == "proj_shape":
+        args[4] = P[:2].contiguous()
+    elif case == "weights":
+        args[2] = wx[:, :3].contiguous()
+    elif case == "p":
+        args[5] = 0.5
+    elif case == "half":
+        args[:2] = [x.half(), y.half()]
+        args[4] = P.half()
+    with pytest.raises(RuntimeError) as eager:
+        ops.sliced_wasserstein(*args)
+    message = str(eager.value).splitlines()[0]
+    message = message[message.index("sliced_wasserstein: "):]  # after the C++ source location
+    meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        ops.sliced_wasserstein(*meta)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=re.escape(message)):
+        torch.compile(lambda *a: ops.sliced_wasserstein(*a)[0], fullgraph=True, backend="aot_eager")(*args)
+
+
+COMPILE_ENTRY_POINTS = (
+    "lossforge.sliced_wasserstein",
+    "lossforge.max_sliced_wasserstein",
+    "lossforge.distributional_sliced_wasserstein",
+    "lossforge.vmf_sample",
+    "lossforge.random_projections",
+    "lossforge.nn.AmortizedSlicedWasserstein",
+    "lossforge.nn.EfficientAttentionAmortizer",
+)
+
+
+def compiled_and_eager(fn, *args, fullgraph=True):
+    """fn compiled (aot_eager) and eager, each from the same global RNG state."""
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=fullgraph, backend="aot_eager")
+    torch.manual_seed(0)
+    got = compiled(*args)
+    torch.manual_seed(0)
+    want = fn(*args)
+    return got, want
+
+
+def small_clouds(gen, d=3):
+    x = torch.randn(2, 12, d, generator=gen).requires_grad_()
+    y = torch.randn(2, 9, d, generator=gen)
+    return x, y
+
+
+def test_compile_sliced_wasserstein_and_random_projections(gen):
+    x, y = small_clouds(gen)
+    wx = torch.rand(2, 12, generator=gen) + 0.1
+    P = rand_proj(3, 5, gen, dtype=torch.float32)
+    for fn in (lambda a, b: lossforge.sliced_wasserstein(a, b, wx, projections=P, p=1.5),
+               lambda a, b: lossforge.sliced_wasserstein(a, b, n_projections=6, root=False),
+               lambda a, b: lossforge.sliced_wasserstein(a, b, projections=P, log=True)[1]["projected_emds"].sum()):
+        got, want = compiled_and_eager(fn, x, y)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(torch.autograd.grad(got, x)[0], torch.autograd.grad(want, x)[0])
+    got, want = compiled_and_eager(lambda: random_projections(3, 7))
+    torch.testing.assert_close(got, want)
+
+
+def test_compile_max_sliced_wasserstein(gen):
+    x, y = small_clouds(gen)
+    P = rand_proj(3, 5, gen, dtype=torch.float32)
+    for fn in (lambda a, b: lossforge.max_sliced_wasserstein(a, b, n_iters=3),
+               lambda a, b: lossforge.max_sliced_wasserstein(a, b, projections=P)):
+        got, want = compiled_and_eager(fn, x, y)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(torch.autograd.grad(got, x)[0], torch.autograd.grad(want, x)[0])
+
+
+@pytest.mark.parametrize("d", [3, 4])
+def test_compile_vmf_and_distributional_sliced_wasserstein(d, gen):
+    # d = 3: fullgraph. d != 3: Wood's rejection loop decides on the host (documented): graph breaks.
+    fullgraph = d == 3
+    loc = torch.randn(2, d, generator=gen)
+    got, want = compiled_and_eager(lambda l: lossforge.vmf_sample(l, 5.0, 4), loc, fullgraph=fullgraph)
+    torch.testing.assert_close(got, want)
+    x, y = small_clouds(gen, d)
+    got, want = compiled_and_eager(
+        lambda a, b: lossforge.distributional_sliced_wasserstein(a, b, 5.0, n_iters=4 - d, n_projections=4), x, y,
+        fullgraph=fullgraph)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got, x)[0], torch.autograd.grad(want, x)[0])
+
+
+@pytest.mark.parametrize("d", [3, 4])
+def test_compile_amortized_modules(d, gen):
+    torch.manual_seed(0)
+    m = lfnn.AmortizedSlicedWasserstein(d, kappa=5.0, n_projections=4, d_k=8)
+    x, y = small_clouds(gen, d)
+    got, want = compiled_and_eager(m, x, y, fullgraph=d == 3)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got, x)[0], torch.autograd.grad(want, x)[0])
+    got, want = compiled_and_eager(m.amortizer, x)
+    torch.testing.assert_close(got, want)

@@ -348,6 +348,15 @@ def test_opcheck(gen, device):
     torch.library.opcheck(ops.stablemax_cross_entropy_backward.default,
                           (torch.rand_like(loss), x, target, weight, stats, 1, -100, 0.1))
     torch.library.opcheck(ops.orthograd_.default, (torch.randn(40, device=device), torch.randn(40, device=device)))
+    # the fused linear loss (a Python op); need_grads=False: the forward skips the gradients, the backward
+    # recomputes them (it returned empty gradients for mean and sum before)
+    h = torch.randn(6, 3, generator=gen).to(device).requires_grad_()
+    W = torch.randn(5, 3, generator=gen).to(device).requires_grad_()
+    y = torch.tensor([0, 1, 2, 3, 4, -100], device=device)
+    for reduction in ("none", "mean", "sum"):
+        for need_grads in (True, False):
+            torch.library.opcheck(ops.fused_linear_stablemax_cross_entropy.default,
+                                  (h, W, y, None, weight, -100, 0.1, reduction, 4, need_grads))
 
 
 @pytest.mark.slow
@@ -587,8 +596,11 @@ def test_bad_inputs():
     x = torch.randn(4, 5)
     t = torch.tensor([0, 1, 2, 3])
     ce = lossforge.stablemax_cross_entropy
-    with pytest.raises(TypeError, match="target must be int64"):
-        ce(x, t.float())
+    with pytest.raises(TypeError, match=r"floating target holds class probabilities.*got \[4\] "
+                                        r"\(class indices must be int64\)"):
+        ce(x, t.float())  # float class indices
+    with pytest.raises(ValueError, match=r"must have input's shape \[4, 5\], got \[4, 4\]"):
+        ce(x, torch.rand(4, 4))  # probabilities of the wrong shape
     with pytest.raises(TypeError, match="target must be int64"):
         ce(x, t.int())
     with pytest.raises(TypeError, match="input must be float32"):
@@ -632,7 +644,7 @@ def test_bad_inputs():
         fused(torch.randn(4, 3), torch.randn(5, 3), t[:2])
     with pytest.raises(ValueError, match="chunk_size"):
         fused(torch.randn(4, 3), torch.randn(5, 3), t, chunk_size=0)
-    with pytest.raises(TypeError, match="weight dtype"):
+    with pytest.raises(TypeError, match="weight and bias must have one dtype"):
         fused(torch.randn(4, 3), torch.randn(5, 3, dtype=torch.float64), t)
     with pytest.raises(ValueError, match="V >= 1 classes"):
         fused(torch.randn(4, 3), torch.randn(0, 3), t)
@@ -691,3 +703,410 @@ def test_errors_name_the_problem():
                                            "got cpu and meta"):
         ops.stablemax_cross_entropy(torch.randn(3, 4), torch.zeros(3, dtype=torch.long, device="meta"), None, 1,
                                     -100, 0.0)
+
+
+# ---- class-probability targets (issue 13) ---------------------------------------------------------
+
+def probabilities(shape, cdim, gen, device="cpu"):
+    """Random class probabilities along cdim, with some exact zeros (hard labels in some rows)."""
+    raw = torch.rand(shape, generator=gen, dtype=torch.float64)
+    raw[raw < 0.2] = 0.0
+    p = raw / raw.sum(cdim, keepdim=True).clamp_min(1e-12)
+    return p.to(device)
+
+
+@pytest.mark.parametrize("in_shape,dim", [((9, 7), 1), ((4, 5, 3, 2), 1), ((3, 6, 8), -1), ((11,), 0)])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_probability_targets_match_oracle(in_shape, dim, reduction, weighted, label_smoothing, gen, device):
+    """F.cross_entropy's probability targets: loss = -sum_c w_c q_c log p_c with q smoothed to
+    q (1 - eps) + eps / C, 'mean' over rows; gradients with respect to the logits and to the target."""
+    cdim = dim % len(in_shape)
+    x = logits(in_shape, gen, device=device).requires_grad_()
+    q = probabilities(in_shape, cdim, gen, device).requires_grad_()
+    V = in_shape[cdim]
+    weight = (torch.rand(V, generator=gen, dtype=torch.float64) + 0.1).to(device) if weighted else None
+    ours = lossforge.stablemax_cross_entropy(x, q, weight, reduction=reduction, label_smoothing=label_smoothing,
+                                             dim=dim)
+    q_ref = q.detach().cpu().requires_grad_()
+    tr = Transformed(x)
+    t = tr.t if cdim == 1 or len(in_shape) == 1 else tr.t.movedim(cdim, 1)
+    qt = q_ref if cdim == 1 or len(in_shape) == 1 else q_ref.movedim(cdim, 1)
+    expected = F.cross_entropy(t, qt, None if weight is None else weight.cpu(), reduction=reduction,
+                               label_smoothing=label_smoothing)
+    assert ours.dtype == torch.float64 and ours.shape == expected.shape
+    torch.testing.assert_close(ours.cpu(), expected, rtol=1e-10, atol=1e-12)
+    g = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
+    gx, gq = torch.autograd.grad(ours, (x, q), g.to(device))
+    (gt_ref, gq_ref) = torch.autograd.grad(expected, (tr.t, q_ref), g)
+    torch.testing.assert_close(gx.cpu(), gt_ref / (1 + tr.x.abs()), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gq.cpu(), gq_ref, rtol=1e-10, atol=1e-12)
+    if weighted:  # differentiable in weight, as torch's composite is
+        wg, wg_ref = weight.clone().requires_grad_(), weight.cpu().clone().requires_grad_()
+        ours_w = lossforge.stablemax_cross_entropy(x, q, wg, reduction=reduction, label_smoothing=label_smoothing,
+                                                   dim=dim)
+        (gw,) = torch.autograd.grad(ours_w, wg, g.to(device))
+        (gw_ref,) = torch.autograd.grad(F.cross_entropy(t, qt, wg_ref, reduction=reduction,
+                                                        label_smoothing=label_smoothing), wg_ref, g)
+        torch.testing.assert_close(gw.cpu(), gw_ref, rtol=1e-10, atol=1e-12)
+    # ignore_index does not apply to probability targets (as in torch)
+    again = lossforge.stablemax_cross_entropy(x, q, weight, reduction=reduction, label_smoothing=label_smoothing,
+                                              dim=dim, ignore_index=0)
+    torch.testing.assert_close(again, ours, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_probability_targets_low_precision_and_module(dtype, gen, device):
+    x = logits((32, 9), gen, dtype=dtype, device=device).requires_grad_()
+    q = probabilities((32, 9), 1, gen, device).float()
+    weight = torch.rand(9, generator=gen).to(device) + 0.5
+    ours = lossforge.nn.StableMaxCrossEntropyLoss(weight, label_smoothing=0.1)(x, q)
+    assert ours.dtype == dtype
+    tr = Transformed(x)
+    expected = F.cross_entropy(tr.t, q.double().cpu(), weight.double().cpu(), label_smoothing=0.1)
+    torch.testing.assert_close(ours.double().cpu(), expected, rtol=TOL[dtype], atol=TOL[dtype])
+    (gx,) = torch.autograd.grad(ours, x)
+    assert gx.dtype == dtype
+    torch.testing.assert_close(gx.double().cpu(), tr.grad(expected), rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_fused_linear_rejects_probability_targets():
+    h, W = torch.randn(4, 3), torch.randn(5, 3)
+    with pytest.raises(TypeError, match="class-probability targets are not supported here: compute the logits and "
+                                        "use stablemax_cross_entropy"):
+        lossforge.fused_linear_stablemax_cross_entropy(h, W, torch.rand(4, 5))
+
+
+# ---- autocast (issue 13) -------------------------------------------------------------------------
+
+def _autocast_dtype(device):
+    return torch.bfloat16 if device == "cpu" else torch.float16
+
+
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_under_autocast_returns_float32_like_torch(in_dtype, gen, device):
+    """F.cross_entropy is on autocast's float32 list: so is StableMax-CE, for index and probability targets
+    (it returned the input's bfloat16 before). The kernel reads the low-precision logits as they are."""
+    x = logits((24, 7), gen, dtype=in_dtype, device=device).requires_grad_()
+    y = targets((24,), 7, gen, device=device)
+    q = probabilities((24, 7), 1, gen, device).float()
+    with torch.autocast(device, dtype=_autocast_dtype(device)):
+        for target in (y, q):
+            ours = lossforge.stablemax_cross_entropy(x, target, label_smoothing=0.1)
+            theirs = F.cross_entropy(x, target, label_smoothing=0.1)
+            assert ours.dtype == theirs.dtype == torch.float32
+            expected, tr = oracle_ce(x, target, label_smoothing=0.1)
+            torch.testing.assert_close(ours.double().cpu(), expected, rtol=TOL[in_dtype], atol=TOL[in_dtype])
+            (gx,) = torch.autograd.grad(ours, x)
+            assert gx.dtype == in_dtype
+            torch.testing.assert_close(gx.double().cpu(), tr.grad(expected), rtol=TOL[in_dtype], atol=TOL[in_dtype])
+        mod = lossforge.nn.StableMaxCrossEntropyLoss(reduction="none")
+        assert mod(x, y).dtype == torch.float32
+
+
+@pytest.mark.parametrize("log", [False, True])
+def test_stablemax_under_autocast_follows_softmax(log, gen, device):
+    """StableMax takes softmax's autocast policy on each device: float32 on CUDA (the float32 list), the
+    input's dtype on the CPU (CPU autocast leaves softmax alone)."""
+    ours_fn, torch_fn = (lossforge.log_stablemax, torch.log_softmax) if log else (lossforge.stablemax, torch.softmax)
+    for in_dtype in (torch.float32, _autocast_dtype(device)):
+        x = logits((6, 11), gen, dtype=in_dtype, device=device).requires_grad_()
+        with torch.autocast(device, dtype=_autocast_dtype(device)):
+            ours = ours_fn(x, dim=-1)
+            assert ours.dtype == torch_fn(x, -1).dtype
+            tol = TOL[ours.dtype] if ours.dtype == in_dtype else TOL[in_dtype]
+            t = transformed(x.detach().double().cpu())
+            torch.testing.assert_close(ours.double().cpu(), torch_fn(t, -1), rtol=tol, atol=tol)
+            (gx,) = torch.autograd.grad(ours.sum(), x)
+            assert gx.dtype == in_dtype
+    # the CUDA rule is registered whether or not this machine has a GPU
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("lossforge::stablemax", "AutocastCUDA")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("h_dtype,w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                             (torch.bfloat16, torch.bfloat16)])
+def test_fused_linear_under_autocast(reduction, h_dtype, w_dtype, gen, device):
+    """Under autocast the GEMMs run in the autocast dtype (F.linear's policy) and the loss accumulates in
+    and comes back in float32 (F.cross_entropy's): it raised 'Expected out tensor to have dtype BFloat16'
+    before, and TypeError for a bfloat16 hidden state with a float32 head."""
+    low = _autocast_dtype(device)
+    h_dtype = low if h_dtype == torch.bfloat16 else h_dtype
+    w_dtype = low if w_dtype == torch.bfloat16 else w_dtype
+    N, H, V = 21, 8, 13
+    h = torch.randn(N, H, generator=gen).to(h_dtype).to(device).requires_grad_()
+    W = (torch.randn(V, H, generator=gen) * 0.5).to(w_dtype).to(device).requires_grad_()
+    b = torch.randn(V, generator=gen).to(w_dtype).to(device).requires_grad_()
+    y = targets((N,), V, gen, device=device)
+    with torch.autocast(device, dtype=low):
+        ours = lossforge.fused_linear_stablemax_cross_entropy(h, W, y, b, reduction=reduction, chunk_size=8)
+        unfused = lossforge.stablemax_cross_entropy(F.linear(h, W, b), y, reduction=reduction)
+        theirs = F.cross_entropy(F.linear(h, W, b), y, reduction=reduction)
+    assert ours.dtype == unfused.dtype == theirs.dtype == torch.float32
+    # the oracle: the logits of the autocast-rounded operands, in float64
+    hl, Wl, bl = (t.detach().to(low).double().cpu() for t in (h, W, b))
+    expected, _ = oracle_ce(hl @ Wl.t() + bl, y, reduction=reduction)
+    torch.testing.assert_close(ours.double().cpu(), expected, rtol=2e-2, atol=2e-2)
+    g = torch.rand(ours.shape, generator=gen).to(device)
+    got = torch.autograd.grad(ours, (h, W, b), g)
+    want = torch.autograd.grad(unfused, (h, W, b), g)
+    for a, c, leaf in zip(got, want, (h, W, b)):
+        assert a.dtype == leaf.dtype
+        torch.testing.assert_close(a.double(), c.double(), rtol=3e-2, atol=3e-2)
+
+
+def test_mixed_dtypes_outside_autocast_raise_like_linear():
+    h, W, y = torch.randn(4, 3).bfloat16(), torch.randn(5, 3), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(RuntimeError):  # torch's own F.linear refuses them too
+        F.linear(h, W)
+    with pytest.raises(TypeError, match=r"hidden, weight and bias must have one dtype \(as in F.linear\), got "
+                                        r"hidden is torch.bfloat16, weight torch.float32: cast them, or run under "
+                                        r"torch.autocast"):
+        lossforge.fused_linear_stablemax_cross_entropy(h, W, y)
+    with pytest.raises(TypeError, match="bias torch.float64"):
+        lossforge.fused_linear_stablemax_cross_entropy(h.float(), W, y, torch.zeros(5, dtype=torch.float64))
+
+
+# ---- keyword-only options (issue 13) -------------------------------------------------------------
+
+def test_options_after_weight_are_keyword_only(gen):
+    """The grokking reference is called stablemax_cross_entropy(logits, labels, reduction): here that third
+    positional argument is weight, and the error says so instead of treating 'mean' as a weight."""
+    x, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    ce = lossforge.stablemax_cross_entropy
+    with pytest.raises(TypeError, match=r"weight must be a per-class torch.Tensor or None, got str 'sum': the "
+                                        r"arguments after weight \(ignore_index=, reduction=.*\) are keyword-only; "
+                                        r"to choose the reduction pass reduction='sum'"):
+        ce(x, y, "sum")
+    with pytest.raises(TypeError, match="keyword-only"):
+        ce(x, y, -100)  # an ignore_index in weight's place
+    with pytest.raises(TypeError, match="positional argument"):
+        ce(x, y, None, -100)
+    with pytest.raises(TypeError, match="positional argument"):
+        lossforge.nn.StableMaxCrossEntropyLoss(None, -100)
+    with pytest.raises(TypeError, match="keyword-only; to choose the reduction pass reduction='none'"):
+        lossforge.nn.StableMaxCrossEntropyLoss("none")
+    with pytest.raises(TypeError, match="positional argument"):
+        lossforge.fused_linear_stablemax_cross_entropy(torch.randn(4, 3), torch.randn(5, 3), y, None, None)
+    with pytest.raises(TypeError, match=r"bias must be a \[V\] torch.Tensor or None, got str 'mean': the arguments "
+                                        r"after bias \(class_weight=, .*\) are keyword-only; to choose the reduction"):
+        lossforge.fused_linear_stablemax_cross_entropy(torch.randn(4, 3), torch.randn(5, 3), y, "mean")
+    with pytest.raises(TypeError, match="positional argument"):
+        lossforge.collapse_fraction(x, y, "softmax")
+    # the keywords give the reference's result
+    xd = x.double()
+    torch.testing.assert_close(ce(xd, y, reduction="sum", dim=-1), ref.stablemax_cross_entropy(xd, y, reduction="sum"))
+
+
+# ---- DTensor (issue 13) --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cpu_mesh(tmp_path_factory):
+    """A one-process gloo world and a one-device CPU mesh (torch.distributed is torn down afterwards)."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    from torch.distributed.device_mesh import DeviceMesh
+
+    store = dist.FileStore(str(tmp_path_factory.mktemp("gloo") / "store"), 1)
+    dist.init_process_group("gloo", rank=0, world_size=1, store=store)
+    try:
+        yield DeviceMesh("cpu", [0])
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("kind", ["index", "weighted index", "probability"])
+def test_dtensor_sharded_over_the_batch(reduction, kind, cpu_mesh, gen):
+    """A batch-sharded DTensor gives the loss of the whole batch (it raised torch's generic
+    NotImplementedError: no sharding strategy for the op)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    x = logits((12, 6), gen)
+    weight = torch.rand(6, generator=gen, dtype=torch.float64) + 0.2 if kind == "weighted index" else None
+    target = probabilities((12, 6), 1, gen) if kind == "probability" else targets((12,), 6, gen)
+    xd = distribute_tensor(x, cpu_mesh, [Shard(0)]).requires_grad_()
+    td = distribute_tensor(target, cpu_mesh, [Shard(0)])
+    ours = lossforge.stablemax_cross_entropy(xd, td, weight, reduction=reduction, label_smoothing=0.1)
+    assert isinstance(ours, DTensor)
+    expected, tr = oracle_ce(x, target, weight, reduction=reduction, label_smoothing=0.1)
+    torch.testing.assert_close(ours.full_tensor(), expected, rtol=1e-10, atol=1e-12)
+    g = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
+    gd = distribute_tensor(g, cpu_mesh, [Shard(0)] if reduction == "none" else [Replicate()])
+    (gx,) = torch.autograd.grad(ours, xd, gd)
+    torch.testing.assert_close(gx.full_tensor(), tr.grad(expected, g), rtol=1e-10, atol=1e-12)
+    # the module too
+    mod = lossforge.nn.StableMaxCrossEntropyLoss(weight, reduction=reduction, label_smoothing=0.1)
+    torch.testing.assert_close(mod(xd, td).full_tensor(), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_dtensor_stablemax_and_clear_errors(cpu_mesh, gen):
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    x = logits((5, 3, 7), gen)
+    for fn, sm in ((lossforge.stablemax, torch.softmax), (lossforge.log_stablemax, torch.log_softmax)):
+        out = fn(distribute_tensor(x, cpu_mesh, [Shard(0)]), dim=-1)
+        assert isinstance(out, DTensor) and tuple(out.placements) == (Shard(0),)
+        torch.testing.assert_close(out.full_tensor(), sm(transformed(x), -1), rtol=1e-12, atol=1e-12)
+    y = targets((5, 7), 3, gen)
+    ce = lossforge.stablemax_cross_entropy
+    with pytest.raises(TypeError, match=r"sharded over a batch dimension \(e.g. Shard\(0\)\) or replicated, got "
+                                        r"\(Shard\(dim=1\),\) with the class dimension 1.*full_tensor"):
+        ce(distribute_tensor(x, cpu_mesh, [Shard(1)]), distribute_tensor(y, cpu_mesh, [Shard(1)]))
+    with pytest.raises(TypeError, match="target is a plain tensor beside DTensors"):
+        ce(distribute_tensor(x, cpu_mesh, [Shard(0)]), y)
+    with pytest.raises(TypeError, match="shard them alike"):
+        ce(distribute_tensor(x, cpu_mesh, [Shard(0)]), distribute_tensor(y, cpu_mesh, [Replicate()]))
+    h, W = distribute_tensor(torch.randn(4, 3), cpu_mesh, [Shard(0)]), torch.randn(5, 3)
+    with pytest.raises(TypeError, match=r"DTensor arguments are not supported .*`.to_local\(\)`.*`.full_tensor\(\)`"):
+        lossforge.fused_linear_stablemax_cross_entropy(h, W, torch.zeros(4, dtype=torch.long))
+    with pytest.raises(TypeError, match="DTensor arguments are not supported"):
+        lossforge.collapse_fraction(distribute_tensor(x, cpu_mesh, [Shard(0)]), distribute_tensor(y, cpu_mesh,
+                                                                                                [Shard(0)]))
+
+
+# ---- torch.compile (issue 13) --------------------------------------------------------------------
+
+COMPILE_ENTRY_POINTS = (
+    "lossforge.stablemax",
+    "lossforge.log_stablemax",
+    "lossforge.stablemax_cross_entropy",
+    "lossforge.fused_linear_stablemax_cross_entropy",
+    "lossforge.collapse_fraction",
+    "lossforge.nn.StableMaxCrossEntropyLoss",
+    "lossforge.optim.OrthoGrad.step",
+)
+
+
+def _compile_cases(gen):
+    x = torch.randn(6, 5, generator=gen)
+    y = torch.tensor([0, 4, -100, 2, 1, 3])
+    q = probabilities((6, 5), 1, gen).float()
+    h, W = torch.randn(6, 3, generator=gen), torch.randn(5, 3, generator=gen)
+    mod = lossforge.nn.StableMaxCrossEntropyLoss(torch.rand(5, generator=gen), label_smoothing=0.1)
+    return {
+        "stablemax": (lambda x: lossforge.stablemax(x, dim=0), (x,)),
+        "log_stablemax": (lambda x: lossforge.log_stablemax(x), (x,)),
+        "ce index": (lambda x: lossforge.stablemax_cross_entropy(x, y, label_smoothing=0.1), (x,)),
+        "ce probability": (lambda x: lossforge.stablemax_cross_entropy(x, q, reduction="sum"), (x,)),
+        "ce autocast": (lambda x: _autocast_ce(x.bfloat16(), y), (x,)),
+        "fused": (lambda h, W: lossforge.fused_linear_stablemax_cross_entropy(h, W, y, chunk_size=4), (h, W)),
+        "fused none": (lambda h, W: lossforge.fused_linear_stablemax_cross_entropy(h, W, y, reduction="none"), (h, W)),
+        "fused autocast": (lambda h, W: _autocast_fused(h.bfloat16(), W, y), (h, W)),
+        "collapse_fraction": (lambda x: lossforge.collapse_fraction(x * 100, y, loss="softmax"), (x,)),
+        "module": (lambda x: mod(x, y), (x,)),
+    }
+
+
+def _autocast_fused(h, W, y):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return lossforge.fused_linear_stablemax_cross_entropy(h, W, y, reduction="none")
+
+
+def _autocast_ce(x, y):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return lossforge.stablemax_cross_entropy(x, y)
+
+
+@pytest.mark.parametrize("case", ["stablemax", "log_stablemax", "ce index", "ce probability", "ce autocast", "fused",
+                                  "fused none", "fused autocast", "collapse_fraction", "module"])
+def test_compile_fullgraph_matches_eager(case, gen):
+    """Each entry point compiles into one graph (aot_eager) and gives eager's values and gradients
+    (collapse_fraction broke the graph on its target check before)."""
+    fn, args = _compile_cases(gen)[case]
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    leaves = [a.clone().requires_grad_() for a in args]
+    eager_leaves = [a.clone().requires_grad_() for a in args]
+    got, want = compiled(*leaves), fn(*eager_leaves)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want, equal_nan=True)
+    if got.requires_grad:
+        g = torch.rand(got.shape, generator=gen)
+        for a, b in zip(torch.autograd.grad(got, leaves, g), torch.autograd.grad(want, eager_leaves, g)):
+            torch.testing.assert_close(a, b)
+    torch._dynamo.reset()
+
+
+def test_compile_collapse_fraction_still_checks_targets():
+    torch._dynamo.reset()
+    compiled = torch.compile(lossforge.collapse_fraction, backend="aot_eager", fullgraph=True)
+    with pytest.raises(ValueError, match="target value 6 at flat index 1 is out of range"):
+        compiled(torch.zeros(3, 6), torch.tensor([2, 6, 3]))
+    torch._dynamo.reset()
+    torch.library.opcheck(torch.ops.lossforge.stablemax_target_out_of_range.default,
+                          (torch.tensor([0, 2, -100]), 3, -100, "collapse_fraction"))
+
+
+def test_compile_orthograd_step_matches_eager():
+    """OrthoGrad.step compiles with the graph breaks torch's optimizers insert around every step
+    (fullgraph is impossible: torch.optim.Optimizer calls torch._dynamo.graph_break()); the projection
+    itself is one graph. Both match eager."""
+    def run(compile_step):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        opt = lossforge.optim.OrthoGrad(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+        step = torch.compile(opt.step, backend="aot_eager") if compile_step else opt.step
+        x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+        for _ in range(3):
+            opt.zero_grad()
+            lossforge.stablemax_cross_entropy(model(x), y).backward()
+            step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    torch._dynamo.reset()
+    for a, b in zip(run(True), run(False)):
+        torch.testing.assert_close(a, b)
+    torch._dynamo.reset()
+    w = torch.nn.Parameter(torch.randn(10))
+    w.grad = torch.randn(10)
+    opt = lossforge.optim.OrthoGrad([w], torch.optim.SGD, lr=0.1)
+    expected = ref.orthograd_(w.detach(), w.grad.clone())
+    torch.compile(opt._project_gradients, backend="aot_eager", fullgraph=True)()
+    torch.testing.assert_close(w.grad, expected)
+    torch._dynamo.reset()
+
+
+def test_direct_op_under_compile_fails_with_the_eager_message():
+    """The fake kernels repeat the kernels' checks, so tracing fails with the kernel's message (a grad of
+    the wrong shape used to be traced as x's shape and fail later, in an unrelated op)."""
+    x, g = torch.randn(4, 5), torch.randn(5, 4)
+    out = ops.stablemax(x, 1, False)
+
+    def f(g, x, out):
+        return ops.stablemax_backward(g, x, out, 1, False) + g
+
+    with pytest.raises(RuntimeError, match="stablemax_backward: grad, x and out must have the same shape"):
+        f(g, x, out)
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match="stablemax_backward: grad, x and out must have the same shape"):
+        torch.compile(f, backend="aot_eager", fullgraph=True)(g, x, out)
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match=r"stablemax_cross_entropy: target has 3 elements, expected 4"):
+        torch.compile(lambda x, t: ops.stablemax_cross_entropy(x, t, None, 1, -100, 0.0)[0] + t,
+                      backend="aot_eager", fullgraph=True)(x, torch.zeros(3, dtype=torch.long))
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match="orthograd_: grad and param must have the same dtype"):
+        torch.compile(lambda g, w: ops.orthograd_(g, w), backend="aot_eager", fullgraph=True)(
+            torch.randn(4), torch.randn(4, dtype=torch.float64))
+    torch._dynamo.reset()
+
+
+def test_dtensor_under_compile(cpu_mesh, gen):
+    """The batch-sharded DTensor path compiles into one graph too, and matches eager."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    x = distribute_tensor(logits((8, 5), gen), cpu_mesh, [Shard(0)]).requires_grad_()
+    y = distribute_tensor(targets((8,), 5, gen), cpu_mesh, [Shard(0)])
+
+    def f(x, y):
+        return lossforge.stablemax_cross_entropy(x, y, label_smoothing=0.1)
+
+    torch._dynamo.reset()
+    got, want = torch.compile(f, backend="aot_eager", fullgraph=True)(x, y), f(x, y)
+    torch.testing.assert_close(got.full_tensor(), want.full_tensor())
+    (g_got,), (g_want,) = torch.autograd.grad(got, x), torch.autograd.grad(want, x)
+    torch.testing.assert_close(g_got.full_tensor(), g_want.full_tensor())
+    torch._dynamo.reset()

@@ -992,6 +992,7 @@ struct ImageState {
   std::vector<u64> neg_edges;       // bitset: edges that merged in dim 0 (never dim-1 pivot rows)
   std::vector<u64> pos_faces;       // bitset: faces that merged dual components (never pivot rows)
   std::vector<u32> birth_edges;     // f, g: birth edge of each dim-1 bar (bars sorted by it)
+  std::vector<u64> death_keys;      // f, g: (rank, face) of each dim-1 bar's death: the output order
   std::vector<std::pair<u32, u32>> face_bars;  // c: (death face, bar) of each dim-1 bar, by face
   std::vector<u32> img_edge;        // f, g: per entry of c's face_bars, the edge of its image pair
   // the two sides of a dimension-1 race (own bars, then the image pairs)
@@ -1133,8 +1134,12 @@ struct Instance {
         const u32 b = static_cast<u32>(bars.size());
         bars.push_back({cr.edge_voxel(eq.first / 3, static_cast<int>(eq.first % 3)),
                         cr.face_voxel(eq.second / 3, static_cast<int>(eq.second % 3))});
-        if (is_c) s.face_bars.push_back({eq.second, b});
-        else s.birth_edges.push_back(eq.first);
+        if (is_c) {
+          s.face_bars.push_back({eq.second, b});
+        } else {
+          s.birth_edges.push_back(eq.first);
+          s.death_keys.push_back(make_key(cr.face_rank(eq.second / 3, static_cast<int>(eq.second % 3)), eq.second));
+        }
       }
       if (is_c) std::sort(s.face_bars.begin(), s.face_bars.end());
     } else {
@@ -1217,12 +1222,21 @@ struct Instance {
     std::vector<u32>().swap(F.img_top);
     std::vector<u32>().swap(G.img_top);
     if (D == 3) {
-      // dim 1: c's bar dying at face q matches the f and g bars born at the edges of q's image pairs
+      // dim 1: c's bar dying at face q matches the f and g bars born at the edges of q's image pairs;
+      // c's bars in the order of their death faces in c's filtration (the reference's match order)
       auto bar_born_at = [](const std::vector<u32>& births, u32 e) {
         auto it = std::lower_bound(births.begin(), births.end(), e);
         return it != births.end() && *it == e ? static_cast<u32>(it - births.begin()) : kNone;
       };
+      CellRanks<D> crc{geom, C.rk.rank.data()};
+      std::vector<std::pair<u64, u32>> order(C.face_bars.size());
       for (size_t k = 0; k < C.face_bars.size(); ++k) {
+        const u32 q = C.face_bars[k].first;
+        order[k] = {make_key(crc.face_rank(q / 3, static_cast<int>(q % 3)), q), static_cast<u32>(k)};
+      }
+      std::sort(order.begin(), order.end());
+      for (auto& ok : order) {
+        const size_t k = ok.second;
         const u32 e0 = F.img_edge[k], e1 = G.img_edge[k];
         if (e0 == kNone || e1 == kNone) continue;
         const u32 pf = bar_born_at(F.birth_edges, e0), pg = bar_born_at(G.birth_edges, e1);
@@ -1291,6 +1305,17 @@ int64_t count_rows(const Instance<D, T>& in, bool include_g_unmatched, int64_t* 
   return total;
 }
 
+// The order in which image s's bars of dimension k are reported: as stored, except 3D dimension 1
+// (stored by birth edge), reported by death face in the image's filtration, as the reference does.
+template <int D>
+std::vector<u32> bar_order(const ImageState<D>& s, int k) {
+  std::vector<u32> order(s.bars[k].size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<u32>(i);
+  if (D == 3 && k == 1 && s.death_keys.size() == order.size())
+    std::sort(order.begin(), order.end(), [&](u32 a, u32 b) { return s.death_keys[a] < s.death_keys[b]; });
+  return order;
+}
+
 // rows: [*, 5] = (segment, f birth, f death, g birth, g death), segment = (n*D + k)*3 + kind.
 template <int D, typename T>
 void write_rows(const Instance<D, T>& in, bool include_g_unmatched, int64_t n, int64_t* rows) {
@@ -1308,7 +1333,7 @@ void write_rows(const Instance<D, T>& in, bool include_g_unmatched, int64_t n, i
       rows[4] = b.death;
       rows += 5;
     }
-    for (size_t i = 0; i < F.bars[k].size(); ++i) {
+    for (const u32 i : bar_order(F, k)) {
       if (F.matched[k][i]) continue;
       rows[0] = seg + 1;
       rows[1] = F.bars[k][i].birth;
@@ -1317,7 +1342,7 @@ void write_rows(const Instance<D, T>& in, bool include_g_unmatched, int64_t n, i
       rows += 5;
     }
     if (!include_g_unmatched) continue;
-    for (size_t i = 0; i < G.bars[k].size(); ++i) {
+    for (const u32 i : bar_order(G, k)) {
       if (G.matched[k][i]) continue;
       rows[0] = seg + 2;
       rows[1] = rows[2] = -1;

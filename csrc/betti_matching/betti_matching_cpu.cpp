@@ -195,10 +195,10 @@ std::tuple<Tensor, Tensor> barcode_impl(const Tensor& x, bool include_essential,
     int64_t* r = rp + 3 * offset[n];
     const ImageState<D>& s = inst[n]->img[0];
     for (int k = 0; k < D; ++k) {
-      for (const Bar& b : s.bars[k]) {
+      for (const u32 i : bar_order(s, k)) {
         r[0] = n * D + k;
-        r[1] = b.birth;
-        r[2] = b.death;
+        r[1] = s.bars[k][i].birth;
+        r[2] = s.bars[k][i].death;
         r += 3;
       }
       if (k == 0 && include_essential) {

@@ -1,7 +1,6 @@
 """PamC: the proxy-approximated meta-node contrastive loss for graph clustering (Kulatilleke, Portmann,
 Chandra, "Efficient block contrastive learning via parameter-free meta-node approximation",
-arXiv 2209.14067), and the exact all-pairs loss it replaces (Graph-MLP's Ncontrast). Spec:
-shared/specs/pamc.md.
+arXiv 2209.14067), and the exact all-pairs loss it replaces (Graph-MLP's Ncontrast).
 
 With s_ij = cos(z_i, z_j) (s_ii masked to 0), Γ the sparse positive weights and meta-nodes
 m_a = Σ_{i in cluster a} z_i (hard) or M = QᵀZ (soft), S_ab = cos(m_a, m_b) (S_aa = 0):
@@ -22,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import NamedTuple
+from typing import NamedTuple, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +47,8 @@ BLOCK_ROWS, BLOCK_COLS = 512, 2048
 CUDA_BLOCK_ROWS, CUDA_BLOCK_COLS = 2048, 8192
 
 _FLOAT = (torch.float32, torch.float64)
+# What the graph arguments accept: a [2, E] int64 edge index, a CSR pair (rowptr, col) or a prepared PamCGraph.
+EdgeIndex = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor], "PamCGraph"]
 _REDUCTIONS = ("none", "mean", "sum")
 
 
@@ -145,11 +146,22 @@ def _csr_from_edges_torch(row: torch.Tensor, col: torch.Tensor, num_nodes: int):
     return rowptr, col_s, perm, colptr, row_s[tedge], tedge
 
 
-def prepare_graph(edge_index, num_nodes: int, edge_weight: torch.Tensor | None = None) -> PamCGraph:
+def prepare_graph(edge_index: EdgeIndex, num_nodes: int, edge_weight: torch.Tensor | None = None) -> PamCGraph:
     """Validates Γ and lays it out for the kernels (CSR + transpose). Reuse the result across steps.
 
     edge_index: [2, E] int64 (source row, target column; duplicates are summed), or a CSR pair
     (rowptr [n+1], col [E]); edge_weight: [E] non-negative Γ values (None: all ones).
+
+    torch.compile: compiles with graph breaks, not fullgraph. Validation is a host decision by nature
+    (a bad node index or weight raises ValueError before anything is built, naming the edge); prepare
+    the graph once outside the compiled step and pass the PamCGraph, with which the losses compile
+    with fullgraph=True.
+
+    >>> import torch, lossforge
+    >>> edge_index = torch.tensor([[0, 1, 1, 2], [1, 0, 2, 1]])
+    >>> graph = lossforge.prepare_graph(edge_index, 3)
+    >>> graph.rowptr.tolist(), graph.col.tolist(), graph.num_edges
+    ([0, 1, 3, 4], [1, 0, 2, 1], 4)
     """
     fn = "prepare_graph"
     _check_num_nodes(num_nodes, fn)
@@ -190,7 +202,7 @@ def prepare_graph(edge_index, num_nodes: int, edge_weight: torch.Tensor | None =
     return PamCGraph(num_nodes, rowptr, col, edge_weight[perm].contiguous(), colptr, trow, tedge)
 
 
-def _graph_for(z: torch.Tensor, edge_index, edge_weight, fn: str) -> PamCGraph:
+def _graph_for(z: torch.Tensor, edge_index: EdgeIndex, edge_weight: torch.Tensor | None, fn: str) -> PamCGraph:
     n = z.shape[0]
     if isinstance(edge_index, PamCGraph):
         if edge_weight is not None:
@@ -211,8 +223,62 @@ def _graph_for(z: torch.Tensor, edge_index, edge_weight, fn: str) -> PamCGraph:
 # ---- op registrations: shapes (fake) and autograd ----------------------------------------------
 
 
+# The fake kernels repeat the kernels' shape and dtype checks (csrc/pamc/pamc_cpu.cpp) with torch._check, so a
+# direct torch.ops.lossforge.pamc_* call under torch.compile fails with the same message as in eager. The checks
+# of values (offsets, node indices, weights, labels) need the data: the kernels make them when they run.
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _fake_z(z: torch.Tensor, op: str, arg: str = "z") -> None:
+    torch._check(z.dim() == 2, lambda: f"{op}: {arg} must be 2-D [num_nodes, dim], got {z.dim()}-D")
+    torch._check(z.dtype in _FLOAT, lambda: f"{op}: {arg} must be float32 or float64, got {_dtype_name(z.dtype)}")
+    torch._check(z.is_contiguous(), lambda: f"{op}: {arg} must be contiguous")
+
+
+def _fake_like(t: torch.Tensor, dtype: torch.dtype, op: str, arg: str) -> None:
+    torch._check(t.dtype == dtype, lambda: f"{op}: {arg} must be {_dtype_name(dtype)}, got {_dtype_name(t.dtype)}")
+    torch._check(t.is_contiguous(), lambda: f"{op}: {arg} must be contiguous")
+
+
+def _fake_index(t: torch.Tensor, size, op: str, arg: str) -> None:
+    _fake_like(t, torch.int64, op, arg)
+    torch._check(t.dim() == 1, lambda: f"{op}: {arg} must be 1-D")
+    if size is not None:
+        torch._check(t.shape[0] == size, lambda: f"{op}: {arg} must have {size} entries, got {t.shape[0]}")
+
+
+def _fake_graph(z, rowptr, col, weight, colptr, trow, tedge, op: str) -> None:
+    n = z.shape[0]
+    _fake_index(col, None, op, "col")
+    nnz = col.shape[0]
+    _fake_index(rowptr, n + 1, op, "rowptr")
+    _fake_like(weight, z.dtype, op, "weight")
+    torch._check(weight.dim() == 1 and weight.shape[0] == nnz,
+                 lambda: f"{op}: weight must have one entry per edge ({nnz})")
+    _fake_index(colptr, n + 1, op, "colptr")
+    _fake_index(trow, nnz, op, "trow")
+    _fake_index(tedge, nnz, op, "tedge")
+
+
+def _fake_tiles(block_rows: int, block_cols: int, op: str) -> None:
+    torch._check(block_rows > 0 and block_cols > 0,
+                 lambda: f"{op}: block_rows and block_cols must be positive, got {block_rows} and {block_cols}")
+
+
+def _fake_rows(t: torch.Tensor, z: torch.Tensor, op: str, arg: str) -> None:
+    n = z.shape[0]
+    _fake_like(t, z.dtype, op, arg)
+    torch._check(t.dim() == 1 and t.shape[0] == n, lambda: f"{op}: {arg} must have shape [{n}]")
+
+
 @register_fake("lossforge::pamc_build_csr")
 def _build_csr_fake(row, col, num_nodes):
+    op = "pamc_build_csr"
+    _fake_index(row, None, op, "row")
+    _fake_index(col, row.shape[0], op, "col")
+    torch._check(num_nodes >= 0, lambda: f"{op}: num_nodes must be non-negative, got {num_nodes}")
     E = row.shape[0]
     return (row.new_empty(num_nodes + 1), row.new_empty(E), row.new_empty(E), row.new_empty(num_nodes + 1),
             row.new_empty(E), row.new_empty(E))
@@ -220,12 +286,24 @@ def _build_csr_fake(row, col, num_nodes):
 
 @register_fake("lossforge::pamc_positive")
 def _positive_fake(z, rowptr, col, weight, colptr, trow, tedge, tau, eps):
+    op = "pamc_positive"
+    _fake_z(z, op)
+    torch._check(math.isfinite(tau), lambda: f"{op}: tau must be finite, got {tau}")
+    torch._check(eps >= 0.0, lambda: f"{op}: eps must be non-negative, got {eps}")
     n = z.shape[0]
+    if n:
+        _fake_graph(z, rowptr, col, weight, colptr, trow, tedge, op)
     return z.new_empty(n), torch.empty_like(z), z.new_empty(n)
 
 
 @register_fake("lossforge::pamc_positive_backward")
 def _positive_backward_fake(grad, u, inv, rowptr, col, weight, colptr, trow, tedge, lse, tau):
+    op = "pamc_positive_backward"
+    _fake_z(u, op)
+    for name, t in (("grad", grad), ("inv", inv), ("lse", lse)):
+        _fake_rows(t, u, op, name)
+    if u.shape[0]:
+        _fake_graph(u, rowptr, col, weight, colptr, trow, tedge, op)
     return torch.empty_like(u)
 
 
@@ -259,6 +337,10 @@ torch.library.register_autograd("lossforge::pamc_positive", _positive_backward, 
 
 @register_fake("lossforge::pamc_segment_sum")
 def _segment_sum_fake(z, labels, num_segments):
+    op = "pamc_segment_sum"
+    _fake_z(z, op)
+    _fake_index(labels, z.shape[0], op, "labels")
+    torch._check(num_segments >= 0, lambda: f"{op}: num_segments must be non-negative, got {num_segments}")
     return z.new_empty(num_segments, z.shape[1]), labels.new_empty(num_segments)
 
 
@@ -282,12 +364,28 @@ torch.library.register_autograd("lossforge::pamc_segment_sum", _segment_sum_back
 
 @register_fake("lossforge::pairwise_contrastive")
 def _pairwise_fake(z, rowptr, col, weight, colptr, trow, tedge, tau, block_rows, block_cols):
+    op = "pairwise_contrastive"
+    _fake_z(z, op)
+    torch._check(math.isfinite(tau), lambda: f"{op}: tau must be finite, got {tau}")
+    _fake_tiles(block_rows, block_cols, op)
+    if z.shape[0]:
+        _fake_graph(z, rowptr, col, weight, colptr, trow, tedge, op)
     n = z.shape[0]
     return z.new_empty(n), z.new_empty(n, 2)
 
 
 @register_fake("lossforge::pairwise_contrastive_backward")
 def _pairwise_backward_fake(grad, z, rowptr, col, weight, colptr, trow, tedge, stats, tau, block_rows, block_cols):
+    op = "pairwise_contrastive_backward"
+    _fake_z(z, op)
+    _fake_tiles(block_rows, block_cols, op)
+    _fake_rows(grad, z, op, "grad")
+    n = z.shape[0]
+    _fake_like(stats, z.dtype, op, "stats")
+    torch._check(stats.dim() == 2 and stats.shape[0] == n and stats.shape[1] == 2,
+                 lambda: f"{op}: stats must have shape [{n}, 2]")
+    if n:
+        _fake_graph(z, rowptr, col, weight, colptr, trow, tedge, op)
     return torch.empty_like(z)
 
 
@@ -384,6 +482,9 @@ def _meta_nodes(z: torch.Tensor, assignment, soft: bool, num_clusters, fn: str):
             # NaN in Q propagates to the loss)
             return q.t().matmul(z), ~(q.detach().sum(0) <= 0)
         labels = assignment.detach().argmax(1)  # no gradient through the argmax
+        # argmax picks a NaN entry as the maximum, so the clusters alone would hide a NaN in Q: add NaN to
+        # the meta-nodes instead (no host sync), as the soft path's QᵀZ does
+        nan_in_q = z.new_zeros(()).masked_fill(torch.isnan(assignment.detach()).any(), math.nan)
     else:
         if assignment.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"{fn}: hard assignment must be int64 labels, got {assignment.dtype}")
@@ -393,16 +494,20 @@ def _meta_nodes(z: torch.Tensor, assignment, soft: bool, num_clusters, fn: str):
             raise ValueError(f"{fn}: hard assignment must have shape [{n}] (one label per node), "
                              f"got {list(assignment.shape)}")
         labels = assignment.long()
+        nan_in_q = None
         if num_clusters is None:
             k = int(labels.max()) + 1  # host sync on CUDA: pass num_clusters to avoid it
         else:
             if isinstance(num_clusters, bool) or not isinstance(num_clusters, int) or num_clusters < 1:
                 raise ValueError(f"{fn}: num_clusters must be a positive int, got {num_clusters!r}")
             k = num_clusters
-        if labels.device.type == "cpu" or num_clusters is None:
+        # Under torch.compile with num_clusters the CPU kernel range-checks the labels (a RuntimeError that
+        # names the label and node) instead of this host check, so the loss traces as one graph.
+        if (labels.device.type == "cpu" and not torch.compiler.is_compiling()) or num_clusters is None:
             lo, hi = int(labels.min()), int(labels.max())
             if lo < 0 or hi >= k:
                 raise ValueError(f"{fn}: hard assignment labels must be in [0, {k}), got {lo if lo < 0 else hi}")
+
     def too_large():
         return ValueError(f"{fn}: the meta-nodes of {k} clusters ([{k}, {z.shape[1]}], {k * z.shape[1] * z.element_size()} "
                           f"bytes) do not fit in memory: is num_clusters={num_clusters!r} right?")
@@ -417,6 +522,8 @@ def _meta_nodes(z: torch.Tensor, assignment, soft: bool, num_clusters, fn: str):
         if "alloc" not in str(e) and not isinstance(e, torch.OutOfMemoryError):
             raise
         raise too_large() from None
+    if nan_in_q is not None:
+        sums = sums + nan_in_q
     return sums, counts > 0
 
 
@@ -444,8 +551,8 @@ def _meta_term(meta: torch.Tensor, nonempty: torch.Tensor, tau: float) -> torch.
 # ---- public API ---------------------------------------------------------------------------------
 
 
-def pamc_loss(z: torch.Tensor, edge_index, edge_weight: torch.Tensor | None = None,
-              assignment: torch.Tensor | None = None, tau: float = 1.0, soft: bool = False,
+def pamc_loss(z: torch.Tensor, edge_index: EdgeIndex, edge_weight: torch.Tensor | None = None,
+              assignment: torch.Tensor | None = None, *, tau: float = 1.0, soft: bool = False,
               reduction: str = "mean", num_clusters: int | None = None) -> torch.Tensor:
     """The PamC loss: positives from the sparse Γ, negatives from k×k meta-node pairs.
 
@@ -457,11 +564,23 @@ def pamc_loss(z: torch.Tensor, edge_index, edge_weight: torch.Tensor | None = No
     positive term plus the shared meta-node term, so that "mean" is the mean of "none").
     num_clusters: k for hard labels (default: max label + 1, a host sync on CUDA). On CUDA, labels are
     range-checked only without it (with it, a label out of range leaves its node out of the meta-nodes).
+    Everything after `assignment` is keyword-only. NaN in z or in Q (soft or through the argmax) gives
+    a NaN loss.
 
+    torch.compile: with a PamCGraph (from `prepare_graph`) the loss compiles with fullgraph=True for soft
+    Q, for the argmax of Q, and for hard labels with num_clusters (there, on the CPU, the kernel checks
+    the labels' range: a RuntimeError instead of eager's ValueError). Host decisions remain, and compile
+    with graph breaks: validating a raw edge index or CSR pair (prepare it once instead), and k = max
+    label + 1 for hard labels without num_clusters (the shapes depend on the data).
+
+    >>> import torch, lossforge
     >>> g = lossforge.stochastic_block_model(300, 3, seed=0)
     >>> ei, w = lossforge.influence_matrix(g.edge_index, 300, order=2)
     >>> z = torch.randn(300, 16, requires_grad=True)
-    >>> lossforge.pamc_loss(z, ei, w, assignment=g.labels).backward()
+    >>> loss = lossforge.pamc_loss(z, ei, w, assignment=g.labels)
+    >>> loss.backward()
+    >>> loss.shape, z.grad.shape
+    (torch.Size([]), torch.Size([300, 16]))
     """
     fn = "pamc_loss"
     z = _check_z(z, fn)
@@ -477,13 +596,21 @@ def pamc_loss(z: torch.Tensor, edge_index, edge_weight: torch.Tensor | None = No
     return _reduce(_meta_term(meta, nonempty, tau) - lse, reduction)
 
 
-def pairwise_contrastive_loss(z: torch.Tensor, edge_index, edge_weight: torch.Tensor | None = None,
+def pairwise_contrastive_loss(z: torch.Tensor, edge_index: EdgeIndex, edge_weight: torch.Tensor | None = None, *,
                               tau: float = 1.0, reduction: str = "mean") -> torch.Tensor:
     """Graph-MLP's exact all-pairs contrastive loss, −(1/n) Σ_i log(P_i / N_i + 1e−8), with
     P_i = Σ_j Γ_ij e^{τ s_ij} and N_i = Σ_j e^{τ s_ij} over all n nodes (s_ii = 0).
 
     Computed tiled (blocks of 512 rows × 2048 columns on the CPU, 2048 × 8192 on a GPU, online
-    log-sum-exp): O(n·d) memory, no n×n buffer, exact to rounding. Same graph arguments as `pamc_loss`.
+    log-sum-exp): O(n·d) memory, no n×n buffer, exact to rounding. Same graph arguments as `pamc_loss`;
+    tau and reduction are keyword-only. torch.compile: fullgraph=True with a PamCGraph; a raw edge index is
+    validated on the host (graph breaks), as in `pamc_loss`.
+
+    >>> import torch, lossforge
+    >>> edge_index = torch.tensor([[0, 1, 1, 2], [1, 0, 2, 1]])
+    >>> z = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    >>> round(lossforge.pairwise_contrastive_loss(z, edge_index).item(), 4)
+    0.5309
     """
     fn = "pairwise_contrastive_loss"
     z = _check_z(z, fn)
@@ -501,13 +628,23 @@ def _pairwise_rows(z, graph: PamCGraph, tau: float, block_rows: int, block_cols:
     return loss
 
 
-def influence_matrix(edge_index: torch.Tensor, num_nodes: int, order: int = 2, influence: bool = True,
+def influence_matrix(edge_index: torch.Tensor, num_nodes: int, order: int = 2, *, influence: bool = True,
                      dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """Γ from a graph, as the authors build it: Â = D̃⁻¹(A_sym + I) (A symmetrised and binary, one
     self-loop per node, rows normalised), then Γ = Σ_{p=1..order} Â^p (influence=True) or Â^order.
 
     Returns (edge_index [2, nnz] sorted by row, edge_weight [nnz]). Input self-loops and duplicate edges
     are absorbed (A is binary). Sparse products in torch (CPU or CUDA), computed in float64.
+    influence and dtype are keyword-only.
+
+    torch.compile: compiles with graph breaks, not fullgraph: the number of nonzeros of Γ depends on the
+    graph (sparse products and coalescing), and the edge index is validated on the host. Γ is a constant
+    of training: build it once, outside the compiled step.
+
+    >>> import torch, lossforge
+    >>> ei, w = lossforge.influence_matrix(torch.tensor([[0], [1]]), 3, order=1)
+    >>> ei.tolist(), w.tolist()
+    ([[0, 0, 1, 1, 2], [0, 1, 0, 1, 2]], [0.5, 0.5, 0.5, 0.5, 1.0])
     """
     fn = "influence_matrix"
     _check_num_nodes(num_nodes, fn)
@@ -571,6 +708,15 @@ def stochastic_block_model(num_nodes: int, num_blocks: int, avg_degree: float = 
     edges are an exact draw of that model: the number of edges of each kind is Binomial, the edges
     themselves a uniform subset of the candidate pairs. With `num_features`, node features are the
     block's random mean (unit Gaussian) plus `feature_noise` times unit Gaussian noise.
+
+    torch.compile: compiles with graph breaks, not fullgraph: it draws from its own seeded host
+    torch.Generator (which a compiled graph cannot create) and samples distinct edges by rejection, a
+    loop whose length depends on the draws. It is data generation, run once before training.
+
+    >>> import lossforge
+    >>> g = lossforge.stochastic_block_model(100, 4, avg_degree=6.0, num_features=8, seed=1)
+    >>> g.edge_index.shape[0], g.labels.shape, g.features.shape, g.labels.bincount().tolist()
+    (2, torch.Size([100]), torch.Size([100, 8]), [25, 25, 25, 25])
     """
     fn = "stochastic_block_model"
     _check_num_nodes(num_nodes, fn)

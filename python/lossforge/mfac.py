@@ -1,12 +1,12 @@
 """M-FAC: matrix-free inverse-Hessian-vector products (IHVPs) with the empirical Fisher.
 
 Frantar, Kurtic, Alistarh, "M-FAC: Efficient Matrix-Free Approximations of Second-Order Information"
-(NeurIPS 2021); spec: shared/specs/mfac.md. With the gradients as the rows of G [m, d] and the
+(NeurIPS 2021). With the gradients as the rows of G [m, d] and the
 damping lambda:
 
     F = lambda I + G^T G / m,     F^-1 x = (x - G^T K^-1 G x) / lambda,   K = m lambda I + G G^T  (m x m)
 
-(K here is lambda times the spec's K = m I + G G^T / lambda: the same factorisation, no 1/lambda scaling.)
+(K here is lambda times the other common form m I + G G^T / lambda: the same factorisation, no 1/lambda scaling.)
 
 - `StaticIHVP(grads, damp)`: a fixed set of gradients (pruning): O(m^2 d) precompute as blocked matrix
   products, then `mul(x)` in two passes over an m x d matrix and `inverse_diagonal()` in one.
@@ -38,33 +38,125 @@ def _compute_dtype(storage: torch.dtype) -> torch.dtype:
     return torch.float64 if storage == torch.float64 else torch.float32
 
 
+# The fake kernels repeat the kernels' own checks (csrc/mfac/mfac_host.h, mfac_cpu.cpp) with torch._check, so a
+# direct torch.ops.lossforge.mfac_* call under torch.compile fails with the same message as in eager.
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _fake_buffer(G: torch.Tensor, op: str) -> torch.dtype:
+    torch._check(G.dim() == 2, lambda: f"{op}: G must be 2-D [m, d], got {G.dim()}-D")
+    torch._check(G.dtype in _STORAGE, lambda: f"{op}: G must be float32, float64 or bfloat16, got {_name(G.dtype)}")
+    torch._check(G.shape[1] <= 1 or G.stride(1) == 1, lambda: f"{op}: G's rows must be contiguous (stride(1) == 1)")
+    torch._check(G.shape[0] <= 1 or G.stride(0) >= G.shape[1], lambda: f"{op}: G's row stride must be at least d")
+    return _compute_dtype(G.dtype)
+
+
+def _fake_vector(t: torch.Tensor, want: torch.dtype, op: str, arg: str) -> None:
+    torch._check(t.dtype == want, lambda: f"{op}: {arg} must be {_name(want)}, got {_name(t.dtype)}")
+    torch._check(t.is_contiguous(), lambda: f"{op}: {arg} must be contiguous")
+
+
+def _fake_count(x: torch.Tensor, d: int, op: str, arg: str) -> int:
+    torch._check(x.dim() in (1, 2), lambda: f"{op}: {arg} must be [d] or [k, d], got {x.dim()}-D")
+    torch._check(x.shape[-1] == d, lambda: f"{op}: {arg} must have d = {d} columns, got {x.shape[-1]}")
+    return x.shape[0] if x.dim() == 2 else 1
+
+
+def _fake_list(xs, want: torch.dtype, d: int, op: str, arg: str) -> list:
+    for t in xs:
+        _fake_vector(t, want, op, arg)
+    total = sum(t.numel() for t in xs)
+    torch._check(total == d, lambda: f"{op}: the tensors of {arg} have {total} elements in all, expected d = {d}")
+    return [t.numel() for t in xs]
+
+
+def _fake_params_like(ps, sizes, want: torch.dtype, op: str, arg: str) -> None:
+    torch._check(len(ps) == len(sizes),
+                 lambda: f"{op}: {arg} must have one tensor per gradient ({len(sizes)}), got {len(ps)}")
+    for i, (p, n) in enumerate(zip(ps, sizes)):
+        _fake_vector(p, want, op, arg)
+        torch._check(p.numel() == n, lambda p=p, i=i, n=n: f"{op}: {arg}[{i}] has {p.numel()} elements, expected {n}")
+
+
+def _fake_square(U: torch.Tensor, op: str, what: str) -> int:
+    torch._check(U.dtype == torch.float64, lambda: f"{op}: U must be float64, got {_name(U.dtype)}")
+    torch._check(U.dim() == 2 and U.shape[0] == U.shape[1], lambda: f"{op}: {what}")
+    return U.shape[0]
+
+
 @register_fake("lossforge::mfac_gemv")
 def _gemv_fake(G, x):
+    op = "mfac_gemv"
+    acc = _fake_buffer(G, op)
+    _fake_vector(x, acc, op, "x")
+    _fake_count(x, G.shape[1], op, "x")
     return x.new_empty((*x.shape[:-1], G.shape[0]))
 
 
 @register_fake("lossforge::mfac_gemv_t")
 def _gemv_t_fake(G, b, x, alpha, beta):
+    op = "mfac_gemv_t"
+    acc = _fake_buffer(G, op)
+    _fake_vector(b, acc, op, "b")
+    V = _fake_count(b, G.shape[0], op, "b")
+    if x is not None:
+        _fake_vector(x, acc, op, "x")
+        torch._check(x.dim() == b.dim() and _fake_count(x, G.shape[1], op, "x") == V,
+                     lambda: f"{op}: x must be [d] or [k, d] matching b's [m] or [k, m]")
     return b.new_empty((*b.shape[:-1], G.shape[1]))
 
 
 @register_fake("lossforge::mfac_insert_gemv_")
 def _insert_fake(G, row, grads, params, weight_decay):
-    return G.new_empty((G.shape[0],), dtype=torch.float64)
+    op = "mfac_insert_gemv_"
+    acc = _fake_buffer(G, op)
+    m, d = G.shape
+    torch._check(0 <= row < m, lambda: f"{op}: row {row} is out of range for a buffer of m = {m} rows")
+    sizes = _fake_list(grads, acc, d, op, "grads")
+    if params:
+        _fake_params_like(params, sizes, acc, op, "params")
+    return G.new_empty((m,), dtype=torch.float64)
 
 
 @register_fake("lossforge::mfac_step_")
 def _step_fake(G, b, params, grads, momentum_buffer, alpha, beta, lr, weight_decay, momentum):
+    op = "mfac_step_"
+    acc = _fake_buffer(G, op)
+    m, d = G.shape
+    _fake_vector(b, acc, op, "b")
+    torch._check(b.dim() == 1 and b.shape[0] == m, lambda: f"{op}: b must have shape [m] = [{m}]")
+    sizes = _fake_list(grads, acc, d, op, "grads")
+    _fake_params_like(params, sizes, acc, op, "params")
+    torch._check(0.0 <= momentum < 1.0, lambda: f"{op}: momentum must be in [0, 1), got {momentum}")
+    if momentum > 0.0:
+        torch._check(momentum_buffer is not None, lambda: f"{op}: momentum > 0 needs a momentum_buffer")
+    if momentum_buffer is not None:
+        _fake_vector(momentum_buffer, acc, op, "momentum_buffer")
+        torch._check(momentum_buffer.numel() == d, lambda: f"{op}: momentum_buffer must have d = {d} elements")
     return None
 
 
 @register_fake("lossforge::mfac_chol_solve")
 def _chol_solve_fake(U, t):
+    op = "mfac_chol_solve"
+    n = _fake_square(U, op, "U must be square [n, n]")
+    torch._check(U.shape[1] <= 1 or U.stride(1) == 1, lambda: f"{op}: U's rows must be contiguous")
+    _fake_vector(t, torch.float64, op, "t")
+    torch._check(t.dim() in (1, 2) and t.shape[0] == n, lambda: f"{op}: t must be [n] or [n, k] with n = {n}")
     return torch.empty_like(t)
 
 
 @register_fake("lossforge::mfac_chol_replace_oldest_")
 def _replace_fake(U, k, shift):
+    op = "mfac_chol_replace_oldest_"
+    torch._check(U.dtype == torch.float64, lambda: f"{op}: U must be float64, got {_name(U.dtype)}")
+    torch._check(U.is_contiguous(), lambda: f"{op}: U must be contiguous")
+    n = _fake_square(U, op, "U must be square [n, n], n >= 1")
+    torch._check(n >= 1, lambda: f"{op}: U must be square [n, n], n >= 1")
+    _fake_vector(k, torch.float64, op, "k")
+    torch._check(k.dim() == 1 and k.shape[0] == n, lambda: f"{op}: k must have shape [n] = [{n}]")
     return U.new_empty((1,))
 
 
@@ -245,9 +337,20 @@ class StaticIHVP:
     W = U^-T G [m, d] (rows: the paper's v_i / sqrt(q_i), up to sqrt(damp)), kept in grads' dtype.
     Then F^-1 x = (x - W^T W x) / damp (two passes over W) and [F^-1]_jj = (1 - sum_i W_ij^2) / damp.
     For small damp the results cancel heavily: pass float64 gradients for float64 accuracy.
+    torch.compile: `mul` and `inverse_diagonal` compile with fullgraph=True.
+
+    >>> import torch, lossforge
+    >>> G = torch.randn(8, 100, dtype=torch.float64)
+    >>> H = lossforge.mfac.StaticIHVP(G, damp=1e-2)
+    >>> F = 1e-2 * torch.eye(100, dtype=torch.float64) + G.T @ G / 8
+    >>> x = torch.randn(100, dtype=torch.float64)
+    >>> torch.allclose(H.mul(x), torch.linalg.solve(F, x))
+    True
+    >>> torch.allclose(H.inverse_diagonal(), torch.linalg.inv(F).diagonal())
+    True
     """
 
-    def __init__(self, grads: torch.Tensor, damp: float = 1e-5):
+    def __init__(self, grads: torch.Tensor, damp: float = 1e-5) -> None:
         grads = _check_grads(grads).contiguous()
         self.damp = _check_damp(damp)
         self.m, self.d = grads.shape
@@ -285,9 +388,20 @@ class BlockIHVP:
 
     Blocks no larger than m keep the dense block inverses (d * block_size numbers); larger blocks keep
     the Woodbury form per block (W_b = U_b^-T G_b, m * d numbers). Batched float64 factorisations.
+    torch.compile: `mul` and `inverse_diagonal` compile with fullgraph=True.
+
+    >>> import torch, lossforge
+    >>> G = torch.randn(8, 100, dtype=torch.float64)
+    >>> H = lossforge.mfac.BlockIHVP(G, block_size=25, damp=1e-2)
+    >>> x = torch.randn(100, dtype=torch.float64)
+    >>> first = lossforge.mfac.StaticIHVP(G[:, :25].contiguous(), damp=1e-2)  # F's first block alone
+    >>> torch.allclose(H.mul(x)[:25], first.mul(x[:25].contiguous()))
+    True
+    >>> H.inverse_diagonal().shape
+    torch.Size([100])
     """
 
-    def __init__(self, grads: torch.Tensor, block_size: int, damp: float = 1e-5):
+    def __init__(self, grads: torch.Tensor, block_size: int, damp: float = 1e-5) -> None:
         grads = _check_grads(grads).contiguous()
         self.block_size = _check_int("block_size", block_size, 1)
         self.damp = _check_damp(damp)
@@ -329,6 +443,7 @@ class BlockIHVP:
         return y.reshape(x.shape)
 
     def inverse_diagonal(self) -> torch.Tensor:
+        """diag(F^-1) [d]."""
         if self.dense:
             diag = self.Finv.diagonal(dim1=1, dim2=2)
         else:
@@ -350,8 +465,11 @@ class SlidingWindowIHVP:
       storage_dtype: the dtype of the buffer G: dtype (default), or bfloat16 (float32 dtype only; halves
         the bytes each pass reads; the products accumulate in float32; the window holds g.bfloat16(), and
         `update_mul` preconditions that stored gradient: see there).
-      warmup: "scaled" (default): s = min(steps, m), the average of the gradients seen so far;
-        "zeros": the official code's zero-filled buffer, s = m from the first step.
+      warmup: what F is while fewer than m gradients were inserted. "scaled" (default, the spec's):
+        s = min(steps, m), damp I plus the average of g g^T over the gradients seen so far; "zeros": the
+        official code's zero-filled buffer, s = m from the first step (the missing gradients count as
+        zeros). The same operator once m gradients were inserted. `lossforge.optim.MFAC` defaults to
+        "zeros", the paper's optimizer.
       refactor_every: refactor the m x m factor from the float64 Gram matrix every this many
         incremental updates (0: never). Each update in between is O(m^2).
       process_group: a torch.distributed group: G is sharded along d across its ranks (each passes its
@@ -361,11 +479,27 @@ class SlidingWindowIHVP:
     Cholesky factor U of K = s damp I + G G^T in age order (oldest gradient first), so that replacing
     the oldest gradient is "drop the first row and column" (a stable rank-1 update) plus "append one"
     (a triangular solve), O(m^2) in all.
+
+    torch.compile: `mul` compiles with fullgraph=True. `update` and `update_mul` compile with graph
+    breaks: inserting a gradient makes host decisions by design, whether g may enter the window (NaN, inf
+    or too large an entry raises before anything changes, so a training loop can skip the step) and
+    whether the O(m^2) factor update kept its accuracy or the factor is refactored.
+
+    >>> import torch, lossforge
+    >>> W = lossforge.mfac.SlidingWindowIHVP(100, 4, damp=1e-2, dtype=torch.float64)
+    >>> G = torch.randn(6, 100, dtype=torch.float64)
+    >>> for g in G:
+    ...     W.update(g)
+    >>> x = torch.randn(100, dtype=torch.float64)
+    >>> last4 = lossforge.mfac.StaticIHVP(G[-4:], damp=1e-2)  # the window holds the last 4 gradients
+    >>> torch.allclose(W.mul(x), last4.mul(x))
+    True
     """
 
-    def __init__(self, dim: int, m: int, damp: float = 1e-5, dtype: torch.dtype = torch.float32, device=None,
-                 storage_dtype: torch.dtype | None = None, *, warmup: str = "scaled", refactor_every: int = 64,
-                 process_group=None):
+    def __init__(self, dim: int, m: int, damp: float = 1e-5, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None, storage_dtype: torch.dtype | None = None, *,
+                 warmup: str = "scaled", refactor_every: int = 64,
+                 process_group: "torch.distributed.ProcessGroup | None" = None) -> None:
         self.dim = _check_int("dim", dim, 1)
         self.m = _check_int("m", m, 1)
         self.damp = _check_damp(damp)

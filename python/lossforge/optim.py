@@ -1,4 +1,7 @@
 """Optimizers built on lossforge's kernels."""
+from collections.abc import Callable, Iterable
+from typing import Any
+
 import torch
 
 from ._stablemax import _orthograd_
@@ -21,13 +24,25 @@ class OrthoGrad(torch.optim.Optimizer):
     Every keyword argument is forwarded to `base_optimizer_cls` (the original release dropped them),
     and per-group options in `params` are kept:
 
+    >>> import torch, lossforge
+    >>> model = torch.nn.Linear(3, 2)
     >>> opt = lossforge.optim.OrthoGrad(model.parameters(), torch.optim.AdamW, lr=1e-3, weight_decay=0.0)
+    >>> model(torch.ones(4, 3)).sum().backward()
+    >>> opt.step()
+    >>> opt.param_groups[0]["lr"]
+    0.001
 
     `param_groups`, `state`, `state_dict()` and `load_state_dict()` are the base optimizer's, so LR
     schedulers and checkpoints work as with the base optimizer alone.
+
+    torch.compile: `step()` cannot compile with fullgraph=True, because torch's own optimizers break
+    the graph on purpose around their step (torch.optim.Optimizer's no-grad wrapper calls
+    torch._dynamo.graph_break()); the projection itself compiles into one graph, and the compiled
+    step (with graph breaks) matches eager.
     """
 
-    def __init__(self, params, base_optimizer_cls: type = torch.optim.SGD, **base_kwargs):
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+                 base_optimizer_cls: type[torch.optim.Optimizer] = torch.optim.SGD, **base_kwargs: Any) -> None:
         if not (isinstance(base_optimizer_cls, type) and issubclass(base_optimizer_cls, torch.optim.Optimizer)):
             raise TypeError(f"OrthoGrad: base_optimizer_cls must be a torch.optim.Optimizer subclass, "
                             f"got {base_optimizer_cls!r}")
@@ -38,7 +53,7 @@ class OrthoGrad(torch.optim.Optimizer):
         self.state = self.base_optimizer.state
 
     @torch.no_grad()
-    def _project_gradients(self):
+    def _project_gradients(self) -> None:
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -48,7 +63,7 @@ class OrthoGrad(torch.optim.Optimizer):
                 _orthograd_(p.grad, p)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One step of the base optimizer on the projected gradients. A closure is handed on to the base
         optimizer wrapped so that every gradient it computes is projected: optimizers that evaluate it
         several times per step (LBFGS) see only projected gradients."""
@@ -63,15 +78,15 @@ class OrthoGrad(torch.optim.Optimizer):
             return loss
         return self.base_optimizer.step(projected_closure)
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         return self.base_optimizer.state_dict()
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"OrthoGrad({self.base_optimizer!r})"
 
 # M-FAC
@@ -101,17 +116,46 @@ class MFAC(torch.optim.Optimizer):
     No flattened copy of the parameters or gradients is made. With bfloat16 storage the step
     preconditions g as stored (g.bfloat16()), see SlidingWindowIHVP.update_mul.
 
-    Extra keyword arguments: storage_dtype (torch.bfloat16 halves the buffer and the bytes moved),
-    warmup ("scaled": s = min(steps, ngrads); "zeros": the official zero-filled buffer, s = ngrads),
+    Warm-up (the first ngrads - 1 steps, while the window fills), the keyword `warmup`:
+      - "zeros" (default: the paper's algorithm and the official code's): the buffer starts as ngrads zero
+        gradients and s = ngrads from the first step, F = damp I + (1/ngrads) sum over the gradients seen
+        so far; the steps along directions not seen yet are lr / damp times the gradient.
+      - "scaled": s = min(steps, ngrads), F = damp I + the average of g g^T over the gradients seen so far
+        (more curvature, shorter early steps).
+      Both are the same operator once ngrads steps were made.
+
+    Other keyword arguments: storage_dtype (torch.bfloat16 halves the buffer and the bytes moved),
     refactor_every (float64 refactor period of the m x m factor), process_group (a torch.distributed
     group: each rank keeps the buffer for its contiguous share of the concatenated parameters, updates
     that share, and the shares are all-gathered after each step; every rank must see the same gradients,
     e.g. after DDP's all-reduce).
+
+    torch.compile: `step` compiles with graph breaks, not with fullgraph=True. Each step makes host
+    decisions the algorithm needs: whether the gradient may enter the window (a NaN/inf raises before
+    anything changes, the all-or-nothing check), and whether the O(m^2) factor update kept its accuracy
+    or the factor must be refactored. Between them the passes run as traced ops.
+
+    >>> import torch, lossforge
+    >>> gen = torch.Generator().manual_seed(0)
+    >>> x = torch.randn(64, 4, generator=gen, dtype=torch.float64)
+    >>> y = x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]], dtype=torch.float64)
+    >>> w = torch.zeros(4, 1, dtype=torch.float64, requires_grad=True)
+    >>> opt = lossforge.optim.MFAC([w], lr=1.0, ngrads=8, damp=1.0)
+    >>> losses = []
+    >>> for _ in range(20):
+    ...     opt.zero_grad()
+    ...     loss = (x @ w - y).square().mean()
+    ...     loss.backward()
+    ...     opt.step()
+    ...     losses.append(loss.item())
+    >>> losses[-1] < 0.05 * losses[0]
+    True
     """
 
-    def __init__(self, params, lr: float = 1e-3, ngrads: int = 1024, damp: float = 1e-5, momentum: float = 0.0,
-                 weight_decay: float = 0.0, *, storage_dtype: torch.dtype | None = None, warmup: str = "scaled",
-                 refactor_every: int = 64, process_group=None):
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3, ngrads: int = 1024,
+                 damp: float = 1e-5, momentum: float = 0.0,
+                 weight_decay: float = 0.0, *, storage_dtype: torch.dtype | None = None, warmup: str = "zeros",
+                 refactor_every: int = 64, process_group: "torch.distributed.ProcessGroup | None" = None) -> None:
         _check_mfac_options(lr, momentum, weight_decay, "")
         self._frozen = False
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
@@ -148,7 +192,7 @@ class MFAC(torch.optim.Optimizer):
         self._momentum_buffer = None
         self._sync_state()
 
-    def add_param_group(self, param_group):
+    def add_param_group(self, param_group: dict) -> None:
         if getattr(self, "_frozen", False):
             raise RuntimeError("MFAC: parameter groups cannot be added after construction (the window spans "
                                "a fixed parameter vector)")
@@ -170,11 +214,11 @@ class MFAC(torch.optim.Optimizer):
     def _sync_state(self):
         self.state["mfac"] = {"window": self._window.state_dict(), "momentum_buffer": self._momentum_buffer}
 
-    def state_dict(self):
+    def state_dict(self) -> dict:
         self._sync_state()
         return super().state_dict()
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: dict) -> None:
         """Loads a state_dict saved by an MFAC over the same parameters, window and options. Everything is
         checked first (the window, the momentum buffer, every group's lr, momentum and weight decay): a
         state_dict that raises leaves the optimizer as it was."""
@@ -205,7 +249,10 @@ class MFAC(torch.optim.Optimizer):
         self._sync_state()
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: "Callable[[], torch.Tensor | float] | None" = None) -> "torch.Tensor | float | None":
+        """One M-FAC step on the current gradients (a gradient that is None counts as zeros). A NaN or inf
+        in a gradient (or in a parameter, with weight decay) raises ValueError before anything changes, so
+        the step can be skipped as AMP's GradScaler does. Returns the closure's loss, if one is given."""
         loss = None
         if closure is not None:
             with torch.enable_grad():

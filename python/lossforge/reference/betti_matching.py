@@ -184,7 +184,7 @@ def loss_from_matching(pred: torch.Tensor, target: torch.Tensor, result, weights
 def betti_matching_loss(pred: torch.Tensor, target: torch.Tensor, filtration: str = "superlevel",
                         weights=None, include_target_unmatched: bool = True) -> torch.Tensor:
     """Per-instance loss [B * C] of probabilities [B, C, *spatial] (superlevel: f = 1 - p, sublevel:
-    f = p, bothlevel: both), from the definitions."""
+    f = p, bothlevel: the mean of both, as topolosses' "bothlevels"), from the definitions."""
     spatial = pred.shape[2:]
     P = pred.reshape((-1,) + tuple(spatial))
     T = target.reshape((-1,) + tuple(spatial)).to(pred.dtype)
@@ -196,5 +196,5 @@ def betti_matching_loss(pred: torch.Tensor, target: torch.Tensor, filtration: st
             tn = T[n].detach().cpu().numpy()
             f, g = (1 - pn, 1 - tn) if flt == "superlevel" else (pn, tn)
             total = total + loss_from_matching(P[n], T[n], matching(f, g), weights, include_target_unmatched)
-        losses.append(total)
+        losses.append(total / 2 if filtration == "bothlevel" else total)
     return torch.stack(losses)

@@ -1,4 +1,4 @@
-"""Pure-torch PamC references, written from the spec's formulas (shared/specs/pamc.md): dense, O(n²)
+"""Pure-torch PamC references, written from the paper's formulas: dense, O(n²)
 memory, float64-capable, slow on purpose and easy to read.
 
 - `gamma_dense`, `influence_matrix_dense`: Γ as a dense n×n matrix.
@@ -68,6 +68,8 @@ def pamc_loss_reference(z: torch.Tensor, gamma: torch.Tensor, assignment: torch.
         k = num_clusters if num_clusters is not None else int(assignment.max()) + 1
         q = F.one_hot(assignment, k).to(z.dtype)
     meta = q.t() @ z
+    if assignment.is_floating_point() and not soft and bool(torch.isnan(assignment).any()):
+        meta = meta + float("nan")  # NaN in Q propagates, as through the soft QᵀZ (argmax would hide it)
     keep = (~(q.detach().sum(0) <= 0)).nonzero().flatten()  # non-empty clusters (NaN ones kept: NaN propagates)
     meta = meta[keep]
     big_s = cosine_masked(meta)
