@@ -30,17 +30,19 @@ export CCACHE_NOHASHDIR=1
 
 stamp="$venv/.lossforge-deps"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  pip_install --upgrade pip "setuptools>=64" wheel ninja
+  pip_install --upgrade pip "setuptools>=77" wheel ninja
   pip_install "${LOSSFORGE_TORCH:-torch>=2.10}" numpy
   # the test and bench extras, then the Betti-Matching-3D reference build (its own deps are not needed;
   # its wheels cover CPython 3.10-3.13 on x86-64: elsewhere the tests that need it fail, the rest run)
-  pip_install pytest hypothesis scipy pot gudhi cripser networkx pytest-benchmark matplotlib
+  pip_install pytest hypothesis scipy pot gudhi cripser networkx pytest-benchmark matplotlib tqdm
   pip_install --no-deps topolosses || echo "warning: no topolosses wheel here: the Betti matching oracle is missing" >&2
   touch "$stamp"
 fi
-# Build the extension against the torch in the venv (no isolation: it must match) and install
-# lossforge in editable mode, so `lossforge` and `import lossforge` use this checkout. Once installed,
-# an in-place rebuild only recompiles what changed.
+# Build the extension against the torch in the venv (no isolation: no second torch to fetch) and install
+# lossforge in editable mode, so `lossforge` and `import lossforge` use this checkout. Both ways of
+# building share one object folder (build/temp.*, see setup.py), so whichever command runs second, and
+# any later rebuild, recompiles only what changed. Keep the build variables (FORCE_CUDA,
+# TORCH_CUDA_ARCH_LIST, CUDA_HOME) the same for both commands: changed flags recompile.
 if "$py" -c "import os, sys, lossforge
 sys.exit(os.path.realpath(lossforge.__file__) != os.path.realpath('python/lossforge/__init__.py'))" 2>/dev/null; then
   "$py" setup.py -q build_ext --inplace

@@ -4,7 +4,7 @@ Every public name lives at the top level (lossforge.stablemax_cross_entropy, ...
 inverse-Hessian objects (lossforge.mfac), the nn.Module wrappers (lossforge.nn) and the optimizers
 (lossforge.optim). The implementation modules are private (lossforge._stablemax, ...).
 """
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402  (the one version source)
 
 from ._ops import build_info  # noqa: E402  (loads the compiled ops first)
 

@@ -8,6 +8,9 @@ blocks to the OS so that the number is the real peak). Then it times them: the i
 case take turns (median of repeats after a warm-up, CUDA synchronised inside the timed call), with
 malloc's usual reuse of freed blocks. It prints one table and writes the same as Markdown and a PNG
 chart under bench/results/.
+
+A baseline whose package is missing (POT, topolosses, ...) raises ImportError (MissingBaseline) when
+called: the runner drops that baseline's rows, says so in the notes, and keeps the other rows.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import datetime
 import functools
 import gc
 import importlib
+import logging
 import os
 import platform
 import statistics
@@ -28,6 +32,11 @@ from typing import Callable
 import torch
 
 FAMILIES = ("stablemax", "sliced_wasserstein", "betti_matching", "mfac", "pamc")
+DEFAULT_OUT = os.path.join("bench", "results")
+
+
+class MissingBaseline(ImportError):
+    """Raised by a baseline whose optional package is not installed; the message says what to install."""
 
 
 @dataclasses.dataclass
@@ -49,6 +58,7 @@ class Case:
     check: Callable[[dict], None] | None = None
     floor_ms: float | None = None
     note: str = ""
+    missing: dict[str, str] = dataclasses.field(default_factory=dict)  # baselines dropped: name -> why
 
 
 @dataclasses.dataclass
@@ -177,10 +187,19 @@ def floor_ms(bytes_moved: float, device: str) -> float:
 
 def check_and_measure_memory(case: Case, device: str) -> dict[str, float | None]:
     """Checks every implementation against ours (a wrong one is not timed), then measures the peak extra
-    memory of one call of each (malloc in its measuring mode: see _mallopt)."""
+    memory of one call of each (malloc in its measuring mode: see _mallopt). A baseline that raises
+    ImportError (its package is missing) is removed from case.impls and listed in case.missing."""
     _malloc_for_peak()
     inputs = case.setup(device)
-    results = {name: impl(*inputs) for name, impl in case.impls.items()}
+    results = {}
+    for name, impl in list(case.impls.items()):
+        try:
+            results[name] = impl(*inputs)
+        except ImportError as e:
+            if name == case.ours:
+                raise
+            case.missing[name] = str(e) or type(e).__name__
+            del case.impls[name]
     if case.check is not None:
         case.check(results)
     del results
@@ -215,9 +234,17 @@ def pytest_benchmark(benchmark, case: Case, impl: str, device: str):
         _sync(device)
         return out
 
+    try:
+        call()  # the warm-up
+    except ImportError as e:  # a missing optional baseline: skipped, like its rows in `lossforge bench`
+        if impl == case.ours:
+            raise
+        import pytest
+
+        pytest.skip(f"baseline {impl!r}: {e}")
     benchmark.group = f"{case.op} {case.shape}"
     benchmark.extra_info["impl"] = impl
-    benchmark.pedantic(call, rounds=3, warmup_rounds=1, iterations=1)
+    benchmark.pedantic(call, rounds=3, warmup_rounds=0, iterations=1)
 
 
 def machine_description(device: str) -> str:
@@ -287,7 +314,7 @@ def plot(lines: list[list[str]], path: str, machine: str):
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no chart (pip install lossforge[bench])", file=sys.stderr)
-        return
+        return False
     labels = [f"{l[1]} {l[2]}\nvs {l[3]}" for l in lines]
     speedups = [float(l[6].rstrip("x")) for l in lines]
     fig, ax = plt.subplots(figsize=(10, 0.35 * len(lines) + 1.5))
@@ -301,20 +328,92 @@ def plot(lines: list[list[str]], path: str, machine: str):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
+
+
+class _DropNoCudaRuntime(logging.Filter):
+    """torch.compile's C++ builder imports torch.utils.cpp_extension, which warns "No CUDA runtime is found"
+    whenever CUDA_HOME is set on a machine without a GPU: noise for a CPU benchmark."""
+
+    def filter(self, record):
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+class Progress:
+    """Progress with an ETA (the caller's estimate): a tqdm bar under the step lines when tqdm is installed
+    and stderr is a terminal, else one line per step with the step count, the elapsed time and the ETA."""
+
+    def __init__(self, total: int, file=None):
+        self.total, self.done, self.t0 = total, 0, time.perf_counter()
+        self.file = file or sys.stderr
+        self.bar = None
+        if self.file.isatty():
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                self.bar = tqdm(total=total, file=self.file, dynamic_ncols=True,
+                                bar_format="{percentage:3.0f}%|{bar}| {n}/{total} steps [{elapsed} elapsed, {postfix}]")
+
+    @staticmethod
+    def _clock(s: float) -> str:
+        s = int(s)
+        return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+    def start(self, label: str, eta_s: float | None) -> None:
+        eta = "ETA " + ("?" if eta_s is None else self._clock(eta_s))
+        if self.bar is not None:
+            self.bar.write(f"  {label}", file=self.file)
+            self.bar.set_postfix_str(eta)
+        else:
+            elapsed = self._clock(time.perf_counter() - self.t0)
+            print(f"  [{self.done + 1}/{self.total} {elapsed} elapsed, {eta}] {label}", file=self.file, flush=True)
+
+    def step(self) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def drop(self, n: int) -> None:
+        """n planned steps will not run."""
+        self.total -= n
+        if self.bar is not None:
+            self.bar.total = self.total
+            self.bar.refresh()
+
+    def write(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(msg, file=self.file)
+        else:
+            print(msg, file=self.file, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lossforge bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="lossforge bench", description=__doc__.splitlines()[0],
+        epilog="Optional baselines (POT, the topolosses build) and the progress bar (tqdm) and chart "
+               "(matplotlib): pip install 'lossforge[bench]' and `pip install --no-deps topolosses`; a missing "
+               "baseline leaves out only its own rows.")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--full", action="store_true", help="the papers' sizes (slow on a CPU)")
     parser.add_argument("--family", action="append", choices=FAMILIES, help="only these families")
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of timing per implementation")
-    parser.add_argument("--out", default=os.path.join("bench", "results"), help="folder for the report")
-    parser.add_argument("--name", default=None, help="report file stem (default: latest-<device>)")
+    parser.add_argument("--out", default=DEFAULT_OUT,
+                        help="folder for the report, relative to the current directory (default: %(default)s)")
+    parser.add_argument("--name", default=None,
+                        help="report file stem: writes <out>/<name>.md and .png (default: latest-<device>)")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     _malloc_for_timing()
+    cpp_extension_log = logging.getLogger("torch.utils.cpp_extension")
+    if not any(isinstance(f, _DropNoCudaRuntime) for f in cpp_extension_log.filters):
+        cpp_extension_log.addFilter(_DropNoCudaRuntime())
     import lossforge  # noqa: F401  (loads the ops)
 
     machine = machine_description(args.device)
@@ -324,33 +423,69 @@ def main(argv: list[str] | None = None) -> int:
     notes: list[str] = []
     failed = 0
 
+    cases = [case for family in args.family or FAMILIES
+             for case in importlib.import_module(f"lossforge.benchmarks.{family}").cases(args.device, args.full)]
+    progress = Progress(2 * len(cases))
+    missing: dict[str, str] = {}  # baseline -> why it is missing
+
     def fail(case, e):
         nonlocal failed
         failed += 1
         notes.append(f"FAILED {case.family} {case.op} {case.shape}: {type(e).__name__}: {e}")
-        print(f"  FAILED: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        progress.write(f"  FAILED: {type(e).__name__}: {e}")
         gc.collect()
 
     # Two passes: every case is checked and its memory measured first, then all are timed. Memory from a
     # timing pass stays in malloc's per-thread arenas, where a later peak measurement would reuse it.
+    # ETA: a case's check pass makes about two calls of each implementation (c seconds); its timing pass
+    # one warm-up call each, then repeats until the budget or 20 calls: about c/2 + min(n budget, 19 c/2).
+    checked_s: list[float] = []
+    predicted: dict[int, float] = {}
+
+    def predict(case, c):
+        if len(case.impls) < 2:  # no baseline left: not timed
+            return 0.0
+        return c / 2 + min(len(case.impls) * args.budget, 19 * c / 2)
+
     measured = []
-    for family in args.family or FAMILIES:
-        module = importlib.import_module(f"lossforge.benchmarks.{family}")
-        for case in module.cases(args.device, args.full):
-            print(f"  {case.family}: {case.op} {case.shape}: check, memory ...", flush=True)
-            try:
-                measured.append((case, check_and_measure_memory(case, args.device)))
-            except Exception as e:  # a failed check or a crash: report it, keep the other rows
-                fail(case, e)
-    for case, peaks in measured:
-        print(f"  {case.family}: {case.op} {case.shape}: time ...", flush=True)
+    for i, case in enumerate(cases):
+        eta = None
+        if checked_s:
+            per_case = statistics.mean(checked_s) + (statistics.mean(predicted.values()) if predicted else 0.0)
+            eta = (len(cases) - i) * per_case + sum(predicted.values())
+        progress.start(f"{case.family}: {case.op} {case.shape}: check, memory ...", eta)
+        t0 = time.perf_counter()
         try:
-            rows.extend(time_case(case, args.device, args.budget, peaks))
-        except Exception as e:
+            measured.append((case, check_and_measure_memory(case, args.device)))
+            predicted[id(case)] = predict(case, time.perf_counter() - t0)
+        except Exception as e:  # a failed check or a crash: report it, keep the other rows
             fail(case, e)
-            continue
-        if case.note:
-            notes.append(f"{case.family} {case.op} {case.shape}: {case.note}")
+        checked_s.append(time.perf_counter() - t0)
+        for name, why in case.missing.items():
+            if name not in missing:
+                missing[name] = why
+                progress.write(f"  skipping baseline {name!r}: {why}")
+        progress.step()
+    progress.drop(len(cases) - len(measured))  # failed cases are not timed
+    timed_s, timed_predicted = 0.0, 0.0
+    for j, (case, peaks) in enumerate(measured):
+        left = sum(predicted[id(c)] for c, _ in measured[j:])
+        progress.start(f"{case.family}: {case.op} {case.shape}: time ...",
+                       left * (timed_s / timed_predicted if timed_predicted > 0 else 1.0))
+        t0 = time.perf_counter()
+        if len(case.impls) > 1:  # only ours left (its baselines are missing): no row to time
+            try:
+                rows.extend(time_case(case, args.device, args.budget, peaks))
+            except Exception as e:
+                fail(case, e)
+            else:
+                if case.note:
+                    notes.append(f"{case.family} {case.op} {case.shape}: {case.note}")
+            timed_s += time.perf_counter() - t0
+            timed_predicted += predicted[id(case)]
+        progress.step()
+    progress.close()
+    notes += [f"no rows for baseline {name!r}: {why}" for name, why in missing.items()]
     lines = table(rows)
     print()
     print(format_text(lines))
@@ -359,8 +494,10 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     stem = args.name or f"latest-{args.device.split(':')[0]}"
     command = "lossforge bench " + " ".join(argv if argv is not None else sys.argv[2:])
-    with open(os.path.join(args.out, stem + ".md"), "w") as f:
+    written = [os.path.join(args.out, stem + ".md")]
+    with open(written[0], "w") as f:
         f.write(format_markdown(lines, machine, command.strip(), notes))
-    plot(lines, os.path.join(args.out, stem + ".png"), machine)
-    print(f"\nwrote {os.path.join(args.out, stem)}.md and .png")
+    if plot(lines, os.path.join(args.out, stem + ".png"), machine):
+        written.append(os.path.join(args.out, stem + ".png"))
+    print("\nwrote " + " and ".join(written))
     return 1 if failed else 0

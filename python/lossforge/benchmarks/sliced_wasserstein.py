@@ -3,8 +3,8 @@
 Baselines, on the same inputs and the same projections:
 - "torch recipe (bmm + sort + pow)": the official code's recipe (project with a batched matmul, torch.sort
   both sides, |difference|^p, mean; autograd for the backward). It keeps about 44 bytes per (b, l, n)
-  element alive. The official code sums over the points instead of averaging (its value is N^(1/p) times
-  larger); the recipe here averages so that every implementation computes the same number at the same cost.
+  element alive. The official code sums over the points instead of averaging, without a root (its value is N
+  times the unrooted SW_p^p); the recipe here averages so that every implementation computes the same number at the same cost.
 - "POT (torch backend)", "POT (numpy)": `ot.sliced_wasserstein_distance` per pair (POT is not batched),
   forward and, with the torch backend, backward.
 - v-DSW: our ascent loop (T steps inside lossforge) against the same loop written as in the papers' code
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 import lossforge
-from lossforge.bench import Case, floor_ms
+from lossforge.bench import Case, MissingBaseline, floor_ms
 
 FAMILY = "sliced_wasserstein"
 
@@ -49,16 +49,23 @@ def ours(x, y, theta, p: float = 2.0):
     return lossforge.sliced_wasserstein(x, y, projections=theta, p=p)
 
 
-def pot_torch(x, y, theta, p: float = 2.0):
-    import ot
+def _ot():
+    """POT, an optional baseline: without it only the POT rows are left out."""
+    try:
+        import ot
+    except ImportError as e:
+        raise MissingBaseline("POT is not installed (pip install pot)") from e
+    return ot
 
+
+def pot_torch(x, y, theta, p: float = 2.0):
+    ot = _ot()
     vals = [ot.sliced_wasserstein_distance(x[b], y[b], projections=theta, p=p) for b in range(x.shape[0])]
     return torch.stack(vals).mean()
 
 
 def pot_numpy(x, y, theta, p: float = 2.0):
-    import ot
-
+    ot = _ot()
     xn, yn, tn = x.detach().cpu().numpy(), y.detach().cpu().numpy(), theta.detach().cpu().numpy()
     vals = [ot.sliced_wasserstein_distance(xn[b], yn[b], projections=tn, p=p) for b in range(xn.shape[0])]
     return torch.tensor(sum(vals) / len(vals), dtype=x.dtype)
