@@ -19,10 +19,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
-import subprocess
-import sys
 import time
 
 import torch
@@ -30,16 +26,8 @@ import torch.nn.functional as F
 
 import lossforge
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except Exception:  # no lscpu (macOS, Windows)
-        name = platform.processor() or platform.machine()
-    return f"{name}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
+# examples/_report.py: examples/ is on sys.path when a script runs
+from _report import Report, machine, pyplot, save
 
 
 # ---- data -------------------------------------------------------------------------------------------
@@ -139,14 +127,11 @@ def main(argv=None):
         args.size, args.batch, args.warmup, args.steps, args.test = 32, 4, 5, 5, 8
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    lines = [f"curvilinear segmentation: {args.size}x{args.size} images, batch {args.batch}, {args.warmup} shared "
-             f"Dice steps then {args.steps} steps per run, Adam lr {args.lr}, alpha {args.alpha}",
-             f"machine: {machine()}"]
-    print("\n".join(lines))
-
-    def say(line):
-        lines.append(line)
-        print(line, flush=True)
+    report = Report("betti_matching_segmentation")
+    say = report.say
+    say(f"curvilinear segmentation: {args.size}x{args.size} images, batch {args.batch}, {args.warmup} shared "
+        f"Dice steps then {args.steps} steps per run, Adam lr {args.lr}, alpha {args.alpha}")
+    say(f"machine: {machine()}")
 
     xs_test, ys_test = batch(args.test, args.size, torch.Generator().manual_seed(10_000 + args.seed))
     torch.manual_seed(args.seed)
@@ -192,19 +177,12 @@ def main(argv=None):
         f"{a[1] + a[2]:.2f} -> {b[1] + b[2]:.2f}, Betti matching error {a[3]:.2f} -> {b[3]:.2f} "
         f"(Dice alone -> Dice + Betti matching)")
     if not args.quick:
-        os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-        with open(os.path.join(HERE, "results", "betti_matching_segmentation.txt"), "w") as f:
-            given = sys.argv[1:] if argv is None else argv
-            command = " ".join(["$ python examples/betti_matching_segmentation.py", *given])
-            f.write(command + "\n" + "\n".join(lines) + "\n")
-        plot(curves, xs_test, ys_test, os.path.join(HERE, "results", "betti_matching_segmentation.png"))
+        report.write(argv)
+        plot(curves, xs_test, ys_test, report.path(".png"))
 
 
 def plot(curves, xs, ys, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(2, 4, figsize=(13, 6.5))
     for name, (curve, _) in curves.items():
@@ -229,9 +207,7 @@ def plot(curves, xs, ys, path):
         ax.set_title(name + " (>= 0.5)")
     for ax in list(axes[0, 2:]) + list(axes[1]):
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    print(f"wrote {path}")
+    save(fig, path, dpi=100)
 
 
 if __name__ == "__main__":

@@ -23,10 +23,6 @@ more accuracy than magnitude.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import subprocess
-import sys
 import time
 
 import torch
@@ -34,21 +30,14 @@ import torch.nn.functional as F
 
 import lossforge
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+# examples/_report.py: examples/ is on sys.path when a script runs
+from _report import Report, machine, pyplot, save
+
 
 # segments a..g of a seven-segment display, as (row0, col0, row1, col1) in a 7x4 unit grid
 SEGMENTS = {"a": (0, 0, 0, 4), "b": (0, 4, 3, 4), "c": (3, 4, 6, 4), "d": (6, 0, 6, 4), "e": (3, 0, 6, 0),
             "f": (0, 0, 3, 0), "g": (3, 0, 3, 4)}
 DIGITS = ["abcdef", "bc", "abdeg", "abcdg", "bcfg", "acdfg", "acdefg", "abc", "abcdefg", "abcdfg"]
-
-
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except Exception:  # no lscpu (macOS, Windows)
-        name = platform.processor() or platform.machine()
-    return f"{name}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def digits(n: int, gen: torch.Generator, size: int = 12):
@@ -163,15 +152,12 @@ def main(argv=None):
         args.train, args.val, args.test, args.steps, args.fisher_grads = 400, 200, 300, 30, 32
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    lines = [f"seven-segment digits: {args.train} train / {args.val} validation / {args.test} test, "
-             f"MLP 144-64-64-10, batch "
-             f"{args.batch}, {args.steps} steps; M-FAC window {args.ngrads}, damp 1e-4",
-             f"machine: {machine()}"]
-    print("\n".join(lines))
-
-    def say(line):
-        lines.append(line)
-        print(line, flush=True)
+    report = Report("mfac_optimizer")
+    say = report.say
+    say(f"seven-segment digits: {args.train} train / {args.val} validation / {args.test} test, "
+        f"MLP 144-64-64-10, batch "
+        f"{args.batch}, {args.steps} steps; M-FAC window {args.ngrads}, damp 1e-4")
+    say(f"machine: {machine()}")
 
     gen = torch.Generator().manual_seed(args.seed)
     xtr, ytr = digits(args.train, gen)
@@ -226,19 +212,12 @@ def main(argv=None):
         "; at 80% sparsity (one shot, dense " + f"{dense:.1%}): " +
         ", ".join(f"{name} {accs[i80]:.1%}" for name, accs in prune.items()))
     if not args.quick:
-        os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-        with open(os.path.join(HERE, "results", "mfac_optimizer.txt"), "w") as f:
-            given = sys.argv[1:] if argv is None else argv
-            command = " ".join(["$ python examples/mfac_optimizer.py", *given])
-            f.write(command + "\n" + "\n".join(lines) + "\n")
-        plot(curves, best, sparsities, prune, dense, os.path.join(HERE, "results", "mfac_optimizer.png"))
+        report.write(argv)
+        plot(curves, best, sparsities, prune, dense, report.path(".png"))
 
 
 def plot(curves, best, sparsities, prune, dense, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for name, losses in curves.items():
@@ -251,9 +230,7 @@ def plot(curves, best, sparsities, prune, dense, path):
     ax2.axhline(dense, color="gray", ls=":", label="dense")
     ax2.set(xlabel="sparsity (%)", ylabel="test accuracy", title="one-shot pruning, no retraining")
     ax2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    save(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

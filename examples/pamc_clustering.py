@@ -26,10 +26,6 @@ The full run writes examples/results/pamc_clustering.txt and .png; --quick is a 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -38,16 +34,8 @@ import torch.nn.functional as F
 
 import lossforge
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except Exception:  # no lscpu (macOS, Windows)
-        name = platform.processor() or platform.machine()
-    return f"{name}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
+# examples/_report.py: examples/ is on sys.path when a script runs
+from _report import Report, machine, pyplot, save
 
 
 # ---- clustering metrics from the contingency table (no scikit-learn needed) -------------------------
@@ -190,11 +178,8 @@ def main(argv=None):
         args.nodes, args.epochs = 300, 10
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    lines = []
-
-    def say(line):
-        lines.append(line)
-        print(line, flush=True)
+    report = Report("pamc_clustering")
+    say = report.say
 
     sbm = lossforge.stochastic_block_model(args.nodes, args.clusters, avg_degree=args.degree,
                                            homophily=args.homophily, num_features=args.features,
@@ -224,19 +209,12 @@ def main(argv=None):
     say(f"SUMMARY pamc_clustering: {args.nodes} nodes: PamC {pm[2] * 1e3:.1f} ms/epoch vs pairwise "
         f"{pw[2] * 1e3:.1f} ms/epoch ({pw[2] / pm[2]:.1f}x faster); NMI PamC {pm[0]:.3f} vs pairwise {pw[0]:.3f}")
     if not args.quick:
-        os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-        with open(os.path.join(HERE, "results", "pamc_clustering.txt"), "w") as f:
-            given = sys.argv[1:] if argv is None else argv
-            command = " ".join(["$ python examples/pamc_clustering.py", *given])
-            f.write(command + "\n" + "\n".join(lines) + "\n")
-        plot(results, os.path.join(HERE, "results", "pamc_clustering.png"), args.nodes)
+        report.write(argv)
+        plot(results, report.path(".png"), args.nodes)
 
 
 def plot(results, path, nodes):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for kind, (_, _, _, curve, name) in results.items():
@@ -246,9 +224,7 @@ def plot(results, path, nodes):
     names = [r[4].split(" (")[0] for r in results.values()]
     ax2.bar(names, [r[2] * 1e3 for r in results.values()], color=["C0", "C1"])
     ax2.set(ylabel="ms per epoch (forward + backward + Adam)", title="time per epoch")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    save(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

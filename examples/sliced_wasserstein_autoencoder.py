@@ -21,27 +21,16 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
-import subprocess
-import sys
 import time
 
 import torch
 
 import lossforge
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+# examples/_report.py: examples/ is on sys.path when a script runs
+from _report import Report, machine, pyplot, save
+
 SHAPES = ("sphere", "torus", "cube")
-
-
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except Exception:  # no lscpu (macOS, Windows)
-        name = platform.processor() or platform.machine()
-    return f"{name}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 # ---- data -------------------------------------------------------------------------------------------
@@ -156,14 +145,11 @@ def main(argv=None):
         args.points, args.batch, args.steps, args.test = 256, 4, 8, 6
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    lines = [f"autoencoder: {args.points} points per shape ({', '.join(SHAPES)}), batch {args.batch}, "
-             f"{args.steps} Adam steps (lr {args.lr}), ascent iterations {args.ascent_iters}",
-             f"machine: {machine()}"]
-    print("\n".join(lines))
-
-    def say(line):
-        lines.append(line)
-        print(line, flush=True)
+    report = Report("sliced_wasserstein_autoencoder")
+    say = report.say
+    say(f"autoencoder: {args.points} points per shape ({', '.join(SHAPES)}), batch {args.batch}, "
+        f"{args.steps} Adam steps (lr {args.lr}), ascent iterations {args.ascent_iters}")
+    say(f"machine: {machine()}")
 
     test = batch(args.test, args.points, torch.Generator().manual_seed(10_000 + args.seed))
     torch.manual_seed(args.seed)
@@ -226,19 +212,12 @@ def main(argv=None):
         "; ".join(f"{k} {v[0]:.4f} / {fmt(v[1])}" for k, v in results.items()) +
         f"; SW_2 loss step {speed:.2f}x the torch recipe's speed")
     if not args.quick:
-        os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-        with open(os.path.join(HERE, "results", "sliced_wasserstein_autoencoder.txt"), "w") as f:
-            given = sys.argv[1:] if argv is None else argv
-            command = " ".join(["$ python examples/sliced_wasserstein_autoencoder.py", *given])
-            f.write(command + "\n" + "\n".join(lines) + "\n")
-        plot(curves, model, args.points, os.path.join(HERE, "results", "sliced_wasserstein_autoencoder.png"))
+        report.write(argv)
+        plot(curves, model, args.points, report.path(".png"))
 
 
 def plot(curves, model, n_points, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig = plt.figure(figsize=(14, 6))
     ax = fig.add_subplot(1, 4, 1)
@@ -258,9 +237,7 @@ def plot(curves, model, n_points, path):
             ax.set_box_aspect((1, 1, 1))
             for lim in (ax.set_xlim, ax.set_ylim, ax.set_zlim):
                 lim(-1.3, 1.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
+    save(fig, path, dpi=110)
 
 
 if __name__ == "__main__":

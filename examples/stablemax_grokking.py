@@ -21,10 +21,6 @@ The summary line gives the epoch at which each run first reaches 90% test accura
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import subprocess
-import sys
 import time
 
 import torch
@@ -32,16 +28,8 @@ import torch.nn.functional as F
 
 import lossforge
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except Exception:  # no lscpu (macOS, Windows)
-        name = platform.processor() or platform.machine()
-    return f"{name}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
+# examples/_report.py: examples/ is on sys.path when a script runs
+from _report import Report, machine, pyplot, save
 
 
 def dataset(p: int, train_fraction: float, seed: int):
@@ -109,10 +97,11 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     init = {k: v.clone() for k, v in mlp(args.p, args.width).state_dict().items()}
     every = max(1, args.epochs // 150)
-    lines = [f"modular addition mod {args.p}: {len(data[1])} train / {len(data[3])} test pairs, MLP width "
-             f"{args.width}, full batch, float32, AdamW lr {args.lr}, weight decay 0, {args.epochs} epochs",
-             f"machine: {machine()}"]
-    print("\n".join(lines))
+    report = Report("stablemax_grokking")
+    say = report.say
+    say(f"modular addition mod {args.p}: {len(data[1])} train / {len(data[3])} test pairs, MLP width "
+        f"{args.width}, full batch, float32, AdamW lr {args.lr}, weight decay 0, {args.epochs} epochs")
+    say(f"machine: {machine()}")
     runs = {}
     for loss_name, ortho in (("softmax", False), ("stablemax", False), ("softmax", True), ("stablemax", True)):
         name = f"{'⊥Grad(AdamW)' if ortho else 'AdamW'} + {'StableMax' if loss_name == 'stablemax' else 'softmax'} CE"
@@ -124,31 +113,21 @@ def main(argv=None):
                 f"train loss {hist['loss'][-1]:.1e}  max collapse fraction {max(hist['collapse']):6.1%}  "
                 f"test >= 90% at epoch "
                 f"{grokked if grokked else 'never':>5}  ({sec:.1f} s)")
-        lines.append(line)
-        print(line)
+        say(line)
     wall = time.perf_counter() - t_start
-    lines.append(f"wall time {wall:.1f} s")
-    print(lines[-1])
+    say(f"wall time {wall:.1f} s")
     g = {name: (grok if grok else "never") for name, (_, grok) in runs.items()}
     summary = ("SUMMARY stablemax_grokking: epoch of >= 90% test accuracy: " +
                "; ".join(f"{name} {val}" for name, val in g.items()) +
                "; max collapse_fraction " + ", ".join(f"{max(h['collapse']):.1%}" for h, _ in runs.values()))
-    lines.append(summary)
-    print(summary)
+    say(summary)
     if not args.quick:
-        os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-        with open(os.path.join(HERE, "results", "stablemax_grokking.txt"), "w") as f:
-            given = sys.argv[1:] if argv is None else argv
-            command = " ".join(["$ python examples/stablemax_grokking.py", *given])
-            f.write(command + "\n" + "\n".join(lines) + "\n")
-        plot(runs, os.path.join(HERE, "results", "stablemax_grokking.png"), args)
+        report.write(argv)
+        plot(runs, report.path(".png"), args)
 
 
 def plot(runs, path, args):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for (name, (hist, _)), c in zip(runs.items(), ("C3", "C0", "C1", "C2")):
@@ -162,9 +141,7 @@ def plot(runs, path, args):
     ax2.axhline(2.0 ** -24, color="gray", ls=":", label="float32 collapse level (2^-24)")
     ax2.set(xlabel="epoch", ylabel="training loss", yscale="log", title="training loss and Softmax Collapse")
     ax2.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    save(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -57,3 +57,9 @@ def pytest_terminal_summary(terminalreporter):
     for kernel, (inst, totals, unlaunched) in per_kernel.items():
         cells = [f"{totals[o]:>10}{'!' if o in unlaunched else ' '}" for o in ce.ORDERS]
         terminalreporter.write_line(f"{kernel:<{width}}  {inst:>4}  " + "  ".join(cells))
+
+
+def compiled(fn, fullgraph: bool):
+    """fn under torch.compile (aot_eager: the graph capture is what is tested), from a fresh dynamo cache."""
+    torch._dynamo.reset()
+    return torch.compile(fn, backend="aot_eager", fullgraph=fullgraph)

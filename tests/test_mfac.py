@@ -21,6 +21,7 @@ from lossforge import mfac
 from lossforge._ops import ops
 from lossforge.optim import MFAC
 from lossforge.reference import mfac as ref
+from conftest import compiled
 
 F64 = torch.float64
 EPS = {torch.float64: 2.2e-16, torch.float32: 1.2e-7}
@@ -1070,11 +1071,6 @@ COMPILE_ENTRY_POINTS = (
 )
 
 
-def _compiled(fn, fullgraph):
-    torch._dynamo.reset()
-    return torch.compile(fn, backend="aot_eager", fullgraph=fullgraph)
-
-
 @pytest.mark.slow
 def test_compile_fullgraph_ihvp(gen):
     """The IHVPs of a fixed set of gradients and of a window trace as one graph each, values and
@@ -1085,13 +1081,13 @@ def test_compile_fullgraph_ihvp(gen):
     for g in G[:4]:
         W.update(g)
     for H in (mfac.StaticIHVP(G, 1e-2), mfac.BlockIHVP(G, 4, 1e-2), mfac.BlockIHVP(G, 8, 1e-2), W):
-        y = _compiled(H.mul, fullgraph=True)(x)
+        y = compiled(H.mul, fullgraph=True)(x)
         expected = H.mul(x)
         torch.testing.assert_close(y, expected, rtol=1e-12, atol=0)
         torch.testing.assert_close(torch.autograd.grad(y.sum(), x)[0], torch.autograd.grad(expected.sum(), x)[0],
                                    rtol=1e-12, atol=0)
         if not isinstance(H, mfac.SlidingWindowIHVP):
-            torch.testing.assert_close(_compiled(H.inverse_diagonal, fullgraph=True)(), H.inverse_diagonal(),
+            torch.testing.assert_close(compiled(H.inverse_diagonal, fullgraph=True)(), H.inverse_diagonal(),
                                        rtol=1e-12, atol=0)
 
 
@@ -1102,7 +1098,7 @@ def test_compile_window_insertions_with_graph_breaks(gen):
     m, d = 2, 10
     kw = dict(dtype=F64, refactor_every=2)
     W, W_ref = mfac.SlidingWindowIHVP(d, m, 1e-2, **kw), mfac.SlidingWindowIHVP(d, m, 1e-2, **kw)
-    update_mul, update = _compiled(W.update_mul, False), torch.compile(W.update, backend="aot_eager")
+    update_mul, update = compiled(W.update_mul, False), torch.compile(W.update, backend="aot_eager")
     for step in range(2 * m + 1):
         g = randn(d, gen=gen)
         if step % 2:
@@ -1125,7 +1121,7 @@ def test_compile_optimizer_step_with_graph_breaks(gen):
     twins = [p.detach().clone().requires_grad_() for p in params]
     kw = dict(lr=0.1, ngrads=2, damp=1e-2, momentum=0.5, weight_decay=0.01)
     opt, opt_ref = MFAC(params, **kw), MFAC(twins, **kw)
-    step = _compiled(opt.step, False)
+    step = compiled(opt.step, False)
     for _ in range(4):
         for p, q in zip(params, twins):
             p.grad = randn(*p.shape, gen=gen)

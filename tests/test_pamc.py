@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from scipy.special import logsumexp
 
 import lossforge
+from conftest import compiled
 from lossforge import _pamc as pamc
 from lossforge.reference import pamc as ref
 
@@ -830,11 +831,6 @@ COMPILE_ENTRY_POINTS = (
 )
 
 
-def _compiled(fn, fullgraph):
-    torch._dynamo.reset()
-    return torch.compile(fn, backend="aot_eager", fullgraph=fullgraph)
-
-
 def _same_value_and_grad(fn, z, *args):
     """fn(z, *args) compiled and eager: the same loss and the same gradient in z."""
     a, b = fn[0](z, *args), fn[1](z, *args)
@@ -861,16 +857,16 @@ def test_compile_fullgraph_with_a_prepared_graph(gen):
         (lambda z, y: module(z, graph, assignment=y), labels),
     ]
     for fn, *args in cases:
-        _same_value_and_grad((_compiled(fn, fullgraph=True), fn), z, *args)
+        _same_value_and_grad((compiled(fn, fullgraph=True), fn), z, *args)
     # the kernel checks the labels' range inside the graph
     bad = labels.clone()
     bad[5] = k
     with pytest.raises(RuntimeError, match=rf"label {k} of node 5 is out of range \[0, {k}\)"):
-        _compiled(cases[2][0], fullgraph=True)(z, bad)
+        compiled(cases[2][0], fullgraph=True)(z, bad)
     # NaN in Q propagates through the argmax in the graph too
     q_nan = q.clone()
     q_nan[2, 1] = math.nan
-    assert torch.isnan(_compiled(cases[1][0], fullgraph=True)(z, q_nan)).all()
+    assert torch.isnan(compiled(cases[1][0], fullgraph=True)(z, q_nan)).all()
 
 
 @pytest.mark.slow
@@ -891,16 +887,16 @@ def test_compile_host_decisions_with_graph_breaks(gen):
         (lambda z: lossforge.pairwise_contrastive_loss(z, ei, w),),
         (lambda z, q: module(z, ei, w, assignment=q), q),
     ]:
-        _same_value_and_grad((_compiled(fn, fullgraph=False), fn), z, *args)
-    a, b = _compiled(lossforge.prepare_graph, False)(ei, n, w), lossforge.prepare_graph(ei, n, w)
+        _same_value_and_grad((compiled(fn, fullgraph=False), fn), z, *args)
+    a, b = compiled(lossforge.prepare_graph, False)(ei, n, w), lossforge.prepare_graph(ei, n, w)
     assert a.num_nodes == b.num_nodes and all(torch.equal(x, y) for x, y in zip(a[1:], b[1:]))
     bad = ei.clone()
     bad[1, 4] = n
     with pytest.raises(ValueError, match=f"node index {n} at edge 4"):
-        _compiled(lossforge.prepare_graph, False)(bad, n, w)
-    a, b = _compiled(lossforge.influence_matrix, False)(ei, n, 2), lossforge.influence_matrix(ei, n, 2)
+        compiled(lossforge.prepare_graph, False)(bad, n, w)
+    a, b = compiled(lossforge.influence_matrix, False)(ei, n, 2), lossforge.influence_matrix(ei, n, 2)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    a = _compiled(lambda: lossforge.stochastic_block_model(40, 2, avg_degree=3.0, num_features=2, seed=3), False)()
+    a = compiled(lambda: lossforge.stochastic_block_model(40, 2, avg_degree=3.0, num_features=2, seed=3), False)()
     b = lossforge.stochastic_block_model(40, 2, avg_degree=3.0, num_features=2, seed=3)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 

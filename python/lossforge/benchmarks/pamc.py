@@ -163,7 +163,7 @@ def cases(device: str, full: bool) -> list[Case]:
     flops, bandwidth = _rates(device)
     out = []
     for n, d, k, deg in sizes:
-        # the dense baseline at n = 20k only at the goal shape (d = 64, k = 10): ~14 GB and minutes per call
+        # the dense baseline at n = 20k only at the headline shape (d = 64, k = 10): ~14 GB and minutes per call
         wanted = n < 20_000 or (n == 20_000 and d == 64)
         dense = wanted and _dense_fits(n, device)
         E = int(n * (deg + 1))  # Γ's entries: the edges and one self-loop per node (about)

@@ -182,7 +182,7 @@ def _dsw_case(B, N, d, L, T, device) -> Case:
 
 
 def cases(device: str, full: bool) -> list[Case]:
-    """The issue's sizes with --full, and always on CUDA (fast there); smaller ones by default on a CPU."""
+    """The papers' sizes (B = 32 clouds of 2,048 points) with --full, and always on CUDA (fast there); smaller ones by default on a CPU."""
     if full or device.startswith("cuda"):
         out = _sw_cases(32, 2048, 3, 100, device, pot=True)
         out += _sw_cases(32, 2048, 3, 1000, device, pot=True)

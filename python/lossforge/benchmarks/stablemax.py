@@ -81,7 +81,7 @@ def _ce_case(n: int, v: int, dtype: torch.dtype, device: str, label: str, compil
     if compiled:
         impls["torch.compile(reference)"] = _fwd_bwd(_compiled)
     elt = torch.finfo(dtype).bits // 8
-    return Case(FAMILY, "stablemax_cross_entropy fwd+bwd", f"{label} [{n}, {v}] {str(dtype)[6:]}", impls, setup,
+    return Case(FAMILY, "stablemax_cross_entropy fwd+bwd", f"{label} [{n}, {v}] {str(dtype)[6:]}".strip(), impls, setup,
                 check=_check_ce, floor_ms=floor_ms(3 * n * v * elt, device))
 
 
@@ -148,7 +148,7 @@ def cases(device: str, full: bool) -> list[Case]:
     if device.startswith("cuda"):
         return [
             _ce_case(65536, 12, torch.float32, device, "HRM-like"),
-            _ce_case(8192, 4096, torch.float32, device, "goal"),
+            _ce_case(8192, 4096, torch.float32, device, ""),
             _ce_case(4096, 32768, torch.bfloat16, device, "LM-like"),
             _ce_case(8192, 32768, torch.bfloat16, device, "N·V = 2^28"),
             _ce_case(8192, 32768, torch.float32, device, "N·V = 2^28"),
@@ -157,7 +157,7 @@ def cases(device: str, full: bool) -> list[Case]:
         ]
     out = [
         _ce_case(65536, 12, torch.float32, device, "HRM-like"),
-        _ce_case(8192, 4096, torch.float32, device, "goal"),
+        _ce_case(8192, 4096, torch.float32, device, ""),
         _fused_case(1024, 512, 32768, device),
         _orthograd_case(10_000_000, device),
     ]
