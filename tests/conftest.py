@@ -63,3 +63,20 @@ def compiled(fn, fullgraph: bool):
     """fn under torch.compile (aot_eager: the graph capture is what is tested), from a fresh dynamo cache."""
     torch._dynamo.reset()
     return torch.compile(fn, backend="aot_eager", fullgraph=fullgraph)
+
+
+def same_error_eager_and_fake(fn, *args):
+    """fn(*args) raises in eager; the fake kernels (torch.compile's view of the op) raise the same message."""
+    import re
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._pytree import tree_map
+
+    with pytest.raises(RuntimeError) as eager:
+        fn(*args)
+    message = re.sub(r"^\w+, \S+:\d+, ", "", str(eager.value).splitlines()[0])  # C++: "function, file:line, "
+    mode = FakeTensorMode()
+    fake_args = tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, args)
+    with mode, pytest.raises(RuntimeError) as fake:
+        fn(*fake_args)
+    assert message in str(fake.value), (fn, message, str(fake.value))

@@ -15,7 +15,6 @@ have been launched under two orders at least, and the terminal summary prints th
 import math
 import pathlib
 import subprocess
-import sys
 import zlib
 
 import pytest

@@ -11,7 +11,6 @@ import copy
 import datetime
 import math
 import os
-import re
 import tempfile
 
 import pytest
@@ -21,7 +20,7 @@ from lossforge import mfac
 from lossforge._ops import ops
 from lossforge.optim import MFAC
 from lossforge.reference import mfac as ref
-from conftest import compiled
+from conftest import compiled, same_error_eager_and_fake
 
 F64 = torch.float64
 EPS = {torch.float64: 2.2e-16, torch.float32: 1.2e-7}
@@ -222,21 +221,6 @@ def test_kernels_bad_input():
         ops.mfac_chol_replace_oldest_(torch.zeros(2, 3, dtype=F64), torch.zeros(2, dtype=F64), 1.0)
 
 
-def _same_error_eager_and_fake(fn, *args):
-    """fn(*args) raises in eager; the fake kernels (torch.compile's view of the op) raise the same message."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils._pytree import tree_map
-
-    with pytest.raises(RuntimeError) as eager:
-        fn(*args)
-    message = re.sub(r"^\w+, \S+:\d+, ", "", str(eager.value).splitlines()[0])  # C++: "function, file:line, "
-    mode = FakeTensorMode()
-    fake_args = tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, args)
-    with mode, pytest.raises(RuntimeError) as fake:
-        fn(*fake_args)
-    assert message in str(fake.value), (message, str(fake.value))
-
-
 def test_fake_kernels_check_like_the_kernels():
     G, F32 = torch.zeros(3, 10), torch.float32
     z10 = torch.zeros(10)
@@ -265,7 +249,7 @@ def test_fake_kernels_check_like_the_kernels():
         (ops.mfac_chol_solve, torch.zeros(2, 2, dtype=F64), torch.zeros(2, dtype=F32)),
     ]
     for fn, *args in cases:
-        _same_error_eager_and_fake(fn, *args)
+        same_error_eager_and_fake(fn, *args)
 
 
 # ---- StaticIHVP / BlockIHVP -----------------------------------------------------------------------

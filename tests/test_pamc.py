@@ -5,7 +5,6 @@ the dense float64 references written from the spec (reference/pamc.py) and the a
 recipes for values and gradients (torch autograd through them).
 """
 import math
-import re
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 from scipy.special import logsumexp
 
 import lossforge
-from conftest import compiled
+from conftest import compiled, same_error_eager_and_fake
 from lossforge import _pamc as pamc
 from lossforge.reference import pamc as ref
 
@@ -777,9 +776,6 @@ def test_cpp_checks_reject_what_python_would(gen):
 def test_fake_kernels_check_like_the_kernels(gen):
     """Shape and dtype errors of a direct op call are the same in eager and under the fake kernels (what
     torch.compile traces with)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils._pytree import tree_map
-
     n, ei, w, z, labels = _bad_setup(gen)
     g = lossforge.prepare_graph(ei, n, w)
     csr = [g.rowptr, g.col, g.weight, g.colptr, g.trow, g.tedge]
@@ -808,14 +804,7 @@ def test_fake_kernels_check_like_the_kernels(gen):
         (ops.pairwise_contrastive_backward, loss[:-1].contiguous(), z, *csr, stats, 1.0, 4, 4),
     ]
     for fn, *args in cases:
-        with pytest.raises(RuntimeError) as eager:
-            fn(*args)
-        message = re.sub(r"^\w+, \S+:\d+, ", "", str(eager.value).splitlines()[0])  # C++: "function, file:line, "
-        mode = FakeTensorMode()
-        fake_args = tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, args)
-        with mode, pytest.raises(RuntimeError) as fake:
-            fn(*fake_args)
-        assert message in str(fake.value), (fn, message, str(fake.value))
+        same_error_eager_and_fake(fn, *args)
 
 
 # ---- torch.compile -------------------------------------------------------------------------------

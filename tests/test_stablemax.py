@@ -134,9 +134,9 @@ def test_top_of_the_float_range(dtype, V, gen, device):
     x = x.to(dtype)
     tol = TOL[dtype]  # log S and log s(x) of about 89 (float32) or 710 (float64) round to a few of their ulps
     t = transformed(x.double())
-    for log, fn, ref in ((False, lossforge.stablemax, torch.softmax), (True, lossforge.log_stablemax, torch.log_softmax)):
+    for log, fn, oracle in ((False, lossforge.stablemax, torch.softmax), (True, lossforge.log_stablemax, torch.log_softmax)):
         got = fn(x.to(device), dim=1).cpu().double()
-        torch.testing.assert_close(got, ref(t, 1), rtol=tol, atol=tol)
+        torch.testing.assert_close(got, oracle(t, 1), rtol=tol, atol=tol)
     for target in (torch.ones(len(rows), dtype=torch.long), torch.zeros(len(rows), dtype=torch.long)):
         for eps in (0.0, 0.1):
             xd = x.to(device).clone().requires_grad_()
